@@ -1,0 +1,105 @@
+"""The contract every model definition in skiptree meets, so the compiler can trace any of them.
+
+A step is one pure function of its inputs:
+
+    logits = model(input_ids, positions, attn_bias, k_cache, v_cache, write_slots)
+
+    input_ids   int64 [B, T]          tokens of this step (a prompt chunk, one token, or a tree)
+    positions   int64 [B, T]          their absolute positions (a tree node: prefix length + depth)
+    attn_bias   float [B, 1, T, S]    additive: 0 where token t may attend cache slot s, -inf-like
+                                      (`mask_value(dtype)`) elsewhere; causal, tree, anything
+    k_cache     float [L, B, Hkv, S, D]  preallocated to S = max_seq_len slots
+    v_cache     float [L, B, Hkv, S, D]
+    write_slots int64 [T]             cache slot that receives token t's K/V (written in place
+                                      before attention, so a token can attend itself)
+    logits      float [B, T, V]
+
+No Python control flow depends on tensor values, so `torch.export` sees one graph for all inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from skiptree.models.config import ModelConfig
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """The additive bias of a forbidden (query, key) pair: finite, so a row never turns into NaN."""
+    return torch.finfo(dtype).min
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Where one of our parameters comes from in an HF checkpoint, and how to turn it into ours."""
+
+    hf_name: str
+    transpose: bool = False  # GPT-2's Conv1D stores [in, out]; nn.Linear wants [out, in]
+
+
+class CausalLM(nn.Module):
+    """Base of the model definitions: a config, the step forward, a KV cache allocator."""
+
+    config: ModelConfig
+
+    def new_kv_cache(
+        self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed K and V caches `[L, B, Hkv, S, D]` for `max_seq_len` slots."""
+        cfg = self.config
+        dtype = dtype or next(self.parameters()).dtype
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+    def finish_loading(self) -> None:
+        """After weights were assigned in place of meta tensors: re-tie the head, rebuild buffers."""
+        if self.config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_buffers()
+        leftover = [name for name, t in self.state_dict(keep_vars=True).items() if t.is_meta]
+        assert not leftover, f"parameters never loaded: {leftover}"
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (none by default)."""
+
+    def hf_weights(self) -> dict[str, WeightSpec]:
+        """Our parameter name -> its source in a Hugging Face state dict."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_bias: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        write_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def attend(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_slots: torch.Tensor,
+    attn_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Write this step's K/V into one layer's cache, then attend over every slot under the bias.
+
+    q: [B, H, T, D]; k_new, v_new: [B, Hkv, T, D]; k_cache, v_cache: [B, Hkv, S, D] (views of the
+    stacked cache, updated in place); attn_bias: [B, 1, T, S]. Returns [B, T, H * D].
+    """
+    k_cache.index_copy_(2, write_slots, k_new)
+    v_cache.index_copy_(2, write_slots, v_new)
+    groups = q.shape[1] // k_cache.shape[1]
+    keys = k_cache.repeat_interleave(groups, dim=1) if groups > 1 else k_cache
+    values = v_cache.repeat_interleave(groups, dim=1) if groups > 1 else v_cache
+    out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=attn_bias)
+    batch, heads, steps, dim = out.shape
+    return out.transpose(1, 2).reshape(batch, steps, heads * dim)

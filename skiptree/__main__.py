@@ -1,0 +1,5 @@
+import sys
+
+from skiptree.cli import main
+
+sys.exit(main())

