@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from skiptree.errors import ModelSourceError, UnsupportedArchitectureError
+from skiptree.runtime.manifest import file_sha256  # noqa: F401  (re-exported for zoo and source)
 
 CONVERTER_VERSION = "1"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -299,15 +299,6 @@ def _generation_config(config: dict) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import write_tiny_model
 
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
@@ -26,21 +27,9 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def save_tiny(config: transformers.PretrainedConfig, folder, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    # Random non-trivial norms and biases, so a swapped or dropped parameter cannot hide.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or "ln_" in name or name.endswith("bias"):
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(folder)
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name, tmp_path):
-    reference = save_tiny(CONFIGS[name], tmp_path)
+    reference = write_tiny_model(tmp_path, CONFIGS[name])
     ours = load_model(tmp_path)
     ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -53,7 +42,7 @@ def test_logits_match_transformers(name, tmp_path):
 
 
 def test_float64_is_bit_close(tmp_path):
-    reference = save_tiny(CONFIGS["qwen2-bias"], tmp_path).double()
+    reference = write_tiny_model(tmp_path, CONFIGS["qwen2-bias"]).double()
     ours = load_model(tmp_path, dtype=torch.float64)
     ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
