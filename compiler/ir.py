@@ -164,8 +164,8 @@ def verify_ir(ir: ModelIR, after_pass: str = "trace") -> None:
         except Exception as exc:
             fail(f"graph '{name}' is malformed ({exc})", "the pass must keep the FX graph well-formed")
         user_inputs = step.program.graph_signature.user_inputs
-        if [spec.name for spec in step.inputs] != list(user_inputs):
-            fail(f"graph '{name}' inputs {list(user_inputs)} differ from its signature",
+        if len(step.inputs) != len(user_inputs):  # positional: export names varargs caches_0...
+            fail(f"graph '{name}' has {len(user_inputs)} inputs, its signature {len(step.inputs)}",
                  "update StepGraph.inputs when a pass adds or removes an input")  # fmt: skip
         for node in step.graph.nodes:
             if node.op == "call_function" and node.meta.get("block") not in ir.blocks:

@@ -13,37 +13,49 @@ from torch import nn
 from skiptree.compiler.ir import ModelIR, StepGraph, TensorSpec, build_block_view
 from skiptree.models.base import CausalLM
 
-STEP_INPUTS = ("input_ids", "positions", "attn_bias", "k_cache", "v_cache", "write_slots")
+STEP_INPUTS = ("input_ids", "positions", "attn_bias", "write_slots")
+
+
+def cache_names(num_layers: int) -> list[str]:
+    """Names of the per-layer cache inputs: k0..k{L-1}, then v0..v{L-1}."""
+    return [f"k{i}" for i in range(num_layers)] + [f"v{i}" for i in range(num_layers)]
 
 
 class StepModule(nn.Module):
-    """The exported entry point: one step, returning logits and the updated caches.
+    """The exported entry point: one step -> (logits, next_ids, updated caches...).
 
-    The caches are written in place (`index_copy_`) and also returned, so lowering can alias each
-    cache output with its input and the runtime never copies them.
+    Caches come as 2L per-layer inputs (k0..k{L-1}, v0..v{L-1}); the model writes them in place
+    and they are returned too, because ONNX export drops in-place updates of inputs that are not
+    outputs. The runtime binds each cache output to its input's buffer, so nothing is copied.
+    `next_ids` (argmax per position) lets greedy decoding skip shipping logits to the host.
     """
 
     def __init__(self, model: CausalLM):
         super().__init__()
         self.model = model
+        self.num_layers = model.config.num_layers
 
-    def forward(self, input_ids, positions, attn_bias, k_cache, v_cache, write_slots):
+    def forward(self, input_ids, positions, attn_bias, write_slots, *caches):
+        k_cache, v_cache = caches[: self.num_layers], caches[self.num_layers :]
         logits = self.model(input_ids, positions, attn_bias, k_cache, v_cache, write_slots)
-        return logits, k_cache, v_cache
+        return (logits, logits.argmax(-1), *caches)
 
 
 def example_step_inputs(model: CausalLM, max_seq_len: int, steps: int = 2) -> tuple[torch.Tensor, ...]:
-    """Inputs of a `steps`-token step at the start of the sequence (values do not matter)."""
+    """Inputs of a `steps`-token step at the start of the sequence (values do not matter).
+
+    `steps` must be >= 2: an example with T = 1 makes export specialise T to the constant 1.
+    Each layer's cache is its own tensor: views of one stack would make export guard aliasing.
+    """
     k_cache, v_cache = model.new_kv_cache(1, max_seq_len)
-    dtype = k_cache.dtype
     positions = torch.arange(steps)
     return (
         torch.zeros(1, steps, dtype=torch.int64),
         positions[None],
-        torch.zeros(1, 1, steps, max_seq_len, dtype=dtype),
-        k_cache,
-        v_cache,
+        torch.zeros(1, 1, steps, max_seq_len, dtype=k_cache.dtype),
         positions,
+        *(layer.clone() for layer in k_cache.unbind(0)),
+        *(layer.clone() for layer in v_cache.unbind(0)),
     )
 
 
@@ -55,18 +67,20 @@ def _spec(name: str, value: torch.Tensor, dynamic_dims: dict[int, str]) -> Tenso
 def trace_step(model: CausalLM, max_seq_len: int) -> StepGraph:
     """Export the step function with T dynamic in [1, max_seq_len]."""
     tokens = torch.export.Dim("T", min=1, max=max_seq_len)
+    layers = model.config.num_layers
     dynamic = {"input_ids": {1: tokens}, "positions": {1: tokens}, "attn_bias": {2: tokens},
-               "k_cache": None, "v_cache": None, "write_slots": {0: tokens}}  # fmt: skip
+               "write_slots": {0: tokens}, "caches": (None,) * (2 * layers)}  # fmt: skip
     example = example_step_inputs(model, max_seq_len)
-    with torch.no_grad():
-        program = torch.export.export(StepModule(model), example, dynamic_shapes=dynamic, strict=False)
+    program = torch.export.export(StepModule(model).eval(), example, dynamic_shapes=dynamic)
     dims = {"input_ids": {1: "T"}, "positions": {1: "T"}, "attn_bias": {2: "T"}, "write_slots": {0: "T"}}
-    inputs = [_spec(name, value, dims.get(name, {}))
-              for name, value in zip(STEP_INPUTS, example, strict=True)]  # fmt: skip
-    logits = TensorSpec("logits", inputs[3].dtype, (1, "T", model.config.vocab_size))
-    outputs = [logits, TensorSpec("k_cache_out", inputs[3].dtype, inputs[3].shape),
-               TensorSpec("v_cache_out", inputs[4].dtype, inputs[4].shape)]  # fmt: skip
-    return StepGraph("step", program, inputs, outputs, {"k_cache_out": "k_cache", "v_cache_out": "v_cache"})
+    names = [*STEP_INPUTS, *cache_names(layers)]
+    inputs = [_spec(name, value, dims.get(name, {})) for name, value in zip(names, example, strict=True)]
+    dtype = inputs[-1].dtype
+    outputs = [TensorSpec("logits", dtype, (1, "T", model.config.vocab_size)),
+               TensorSpec("next_ids", "int64", (1, "T"))]  # fmt: skip
+    outputs += [TensorSpec(f"{spec.name}_out", dtype, spec.shape) for spec in inputs[len(STEP_INPUTS) :]]
+    in_place = {f"{name}_out": name for name in cache_names(layers)}
+    return StepGraph("step", program, inputs, outputs, in_place)
 
 
 def trace_model(model: CausalLM, max_seq_len: int) -> ModelIR:

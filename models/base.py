@@ -8,8 +8,9 @@ A step is one pure function of its inputs:
     positions   int64 [B, T]          their absolute positions (a tree node: prefix length + depth)
     attn_bias   float [B, 1, T, S]    additive: 0 where token t may attend cache slot s, -inf-like
                                       (`mask_value(dtype)`) elsewhere; causal, tree, anything
-    k_cache     float [L, B, Hkv, S, D]  preallocated to S = max_seq_len slots
-    v_cache     float [L, B, Hkv, S, D]
+    k_cache     L tensors [B, Hkv, S, D] (a list, or the rows of one [L, B, Hkv, S, D] tensor),
+    v_cache     preallocated to S = max_seq_len slots; one tensor per layer so a lowered graph
+                has one cache input per layer and never gathers (copies) a layer out of a stack
     write_slots int64 [T]             cache slot that receives token t's K/V (written in place
                                       before attention, so a token can attend itself)
     logits      float [B, T, V]
@@ -92,14 +93,28 @@ def attend(
 ) -> torch.Tensor:
     """Write this step's K/V into one layer's cache, then attend over every slot under the bias.
 
-    q: [B, H, T, D]; k_new, v_new: [B, Hkv, T, D]; k_cache, v_cache: [B, Hkv, S, D] (views of the
-    stacked cache, updated in place); attn_bias: [B, 1, T, S]. Returns [B, T, H * D].
+    q: [B, H, T, D]; k_new, v_new: [B, Hkv, T, D]; k_cache, v_cache: [B, Hkv, S, D], updated in
+    place; attn_bias: [B, 1, T, S]. Returns [B, T, H * D].
+
+    The write indexes the three leading dims, so it lowers to one ScatterND per cache (whose
+    output the runtime aliases with its input: no copy). Grouped-query attention groups the
+    queries ([B, Hkv, G*T, D]) instead of repeating K/V, so the cache is never copied either.
     """
-    k_cache.index_copy_(2, write_slots, k_new)
-    v_cache.index_copy_(2, write_slots, v_new)
-    groups = q.shape[1] // k_cache.shape[1]
-    keys = k_cache.repeat_interleave(groups, dim=1) if groups > 1 else k_cache
-    values = v_cache.repeat_interleave(groups, dim=1) if groups > 1 else v_cache
-    out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=attn_bias)
-    batch, heads, steps, dim = out.shape
-    return out.transpose(1, 2).reshape(batch, steps, heads * dim)
+    batch, heads, steps, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    groups = heads // kv_heads
+    index = (
+        torch.arange(batch).view(batch, 1, 1),
+        torch.arange(kv_heads).view(1, kv_heads, 1),
+        write_slots.view(1, 1, steps),
+    )
+    k_cache.index_put_(index, k_new)
+    v_cache.index_put_(index, v_new)
+    grouped = (q * dim**-0.5).reshape(batch, kv_heads, groups * steps, dim)
+    scores = (grouped @ k_cache.transpose(-1, -2)).view(batch, kv_heads, groups, steps, -1)
+    weights = torch.softmax(scores + attn_bias.unsqueeze(1), dim=-1)
+    out = weights.view(batch, kv_heads, groups * steps, -1) @ v_cache  # [B, Hkv, G*T, D]
+    # permute, then reshape: a view of the grouped layout breaks export's dynamic-T guards.
+    return out.view(batch, kv_heads, groups, steps, dim).permute(0, 3, 1, 2, 4).reshape(
+        batch, steps, heads * dim
+    )
