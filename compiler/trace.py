@@ -41,19 +41,20 @@ class StepModule(nn.Module):
         return (logits, logits.argmax(-1), *caches)
 
 
-def example_step_inputs(model: CausalLM, max_seq_len: int, steps: int = 2) -> tuple[torch.Tensor, ...]:
+def example_step_inputs(model: CausalLM, max_seq_len: int, steps: int = 3) -> tuple[torch.Tensor, ...]:
     """Inputs of a `steps`-token step at the start of the sequence (values do not matter).
 
-    `steps` must be >= 2: an example with T = 1 makes export specialise T to the constant 1.
-    Each layer's cache is its own tensor: views of one stack would make export guard aliasing.
+    `steps` must be >= 2 and differ from the model's small dims: an example with T = 1 makes
+    export specialise T to the constant 1.
+    Every input is its own tensor, never a view: export records guards on a view's `_base`
+    (and on aliasing), which then fail on the real inputs.
     """
     k_cache, v_cache = model.new_kv_cache(1, max_seq_len)
-    positions = torch.arange(steps)
     return (
         torch.zeros(1, steps, dtype=torch.int64),
-        positions[None],
+        torch.arange(steps).reshape(1, steps).clone(),
         torch.zeros(1, 1, steps, max_seq_len, dtype=k_cache.dtype),
-        positions,
+        torch.arange(steps),
         *(layer.clone() for layer in k_cache.unbind(0)),
         *(layer.clone() for layer in v_cache.unbind(0)),
     )

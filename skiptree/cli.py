@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from skiptree.errors import SkiptreeError
 
@@ -30,8 +31,31 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from skiptree.compiler.compile import compile_model
+    from skiptree.compiler.options import CompileOptions
+
+    options = CompileOptions(
+        backend=args.backend,
+        max_seq_len=args.max_seq_len,
+        optimization_level=args.optimization_level,
+        threads=args.threads,
+        dump_ir=args.dump_ir,
+        verify=args.verify,
+    )
+    print(compile_model(args.model, args.output, options))
+    return 0
+
+
 def _load_generator(model: str, args: argparse.Namespace):
-    """The thing that generates for MODEL: for now the eager reference of a model source."""
+    """What generates for MODEL: a compiled artifact, else the eager reference of a model source."""
+    from skiptree.runtime.artifact import is_artifact, load
+
+    if is_artifact(model):
+        start = time.perf_counter()
+        runtime = load(model, threads=args.threads or None)
+        _log(f"loaded {runtime.description} in {time.perf_counter() - start:.1f} s (hashes checked)")
+        return runtime
     import torch
 
     from skiptree.models.reference import ReferenceModel
@@ -45,6 +69,10 @@ def _load_generator(model: str, args: argparse.Namespace):
     _log(f"loaded {model} ({generator.config.model_type}, {generator.config.num_layers} layers) "
          f"from {folder} in {time.perf_counter() - start:.1f} s; engine: eager torch reference, float32")
     return generator
+
+
+def _engine(generator) -> str:
+    return "onnxruntime" if hasattr(generator, "manifest") else "reference"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -68,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     result = output.result
     if args.json:
-        print(json.dumps(output.to_json(), ensure_ascii=False))
+        print(json.dumps({**output.to_json(), "engine": _engine(generator)}, ensure_ascii=False))
     else:
         print()
         _log(f"[{len(result.token_ids)} tokens, stopped at {result.stop_reason}; "
@@ -90,8 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--quiet", action="store_true", help="no progress bars")
     fetch.set_defaults(run=cmd_fetch)
 
-    gen = commands.add_parser("generate", help="generate text from a model (zoo name, HF folder, .gguf)")
-    gen.add_argument("model", help="zoo name (fetched on first use), HF model folder, or .gguf file")
+    comp = commands.add_parser("compile", help="compile a model into an artifact (ONNX Runtime)")
+    comp.add_argument("model", help="zoo name (fetched on first use), HF model folder, or .gguf file")
+    comp.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
+    comp.add_argument("--backend", default="onnxruntime", help="lowering target (default onnxruntime)")
+    comp.add_argument("--max-seq-len", type=int, default=None,
+                      help="KV cache slots = longest prompt + output (default min(context, 2048))")
+    comp.add_argument("--optimization-level", default="extended",
+                      choices=("disabled", "basic", "extended", "all"), help="ORT graph optimisation")
+    comp.add_argument("--threads", type=int, default=0, help="default CPU threads of the artifact")
+    comp.add_argument("--dump-ir", type=Path, default=None, help="write the IR after each pass here")
+    comp.add_argument("--verify", action="store_true", help="run the IR verifier after each pass")
+    comp.set_defaults(run=cmd_compile)
+
+    gen = commands.add_parser("generate", help="generate text from an artifact or a model")
+    gen.add_argument("model", help="artifact folder, zoo name (fetched on first use), HF model folder, "
+                     "or .gguf file")
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

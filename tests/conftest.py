@@ -25,6 +25,31 @@ def write_tiny_model(folder, config, seed: int = 0, dtype=torch.float32):
     return model.to(dtype)
 
 
+def write_word_tokenizer(folder, vocab_size: int = 97) -> None:
+    """A real (tiny) tokenizer.json: word i is "t<i>", so ids and text map one to one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """(model folder, artifact folder) of a tiny Llama compiled for ONNX Runtime (session-wide)."""
+    from skiptree.compiler.compile import compile_model
+    from skiptree.compiler.options import CompileOptions
+
+    root = tmp_path_factory.mktemp("tiny-artifact")
+    folder = root / "model"
+    write_tiny_model(folder, transformers.LlamaConfig(**TINY_LLAMA))
+    write_word_tokenizer(folder)
+    artifact = compile_model(folder, root / "artifact", CompileOptions(max_seq_len=48, verify=True),
+                             log=lambda message: None)  # fmt: skip
+    return folder, artifact
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
     """(folder, transformers model) of a tiny random Llama."""

@@ -1,0 +1,162 @@
+"""`compile_model`: model source -> artifact directory, in named phases with progress.
+
+resolve source -> load weights -> trace -> passes -> lower -> check against eager torch ->
+tokenizer -> manifest. The artifact is built in a temporary sibling folder and renamed into
+place only when complete (the manifest, with every file's sha256, is written last).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import torch
+
+import skiptree
+from skiptree.compiler.ir import ModelIR
+from skiptree.compiler.lower_onnx import lower_to_onnx
+from skiptree.compiler.options import CompileOptionError, CompileOptions
+from skiptree.compiler.pass_manager import PassManager
+from skiptree.compiler.pipeline import build_pipeline
+from skiptree.compiler.trace import trace_model
+from skiptree.models.gguf_convert import clean_stale_temps, temp_sibling
+from skiptree.models.loader import load_model, weight_files
+from skiptree.models.reference import ReferenceStepper
+from skiptree.models.source import resolve_model_dir
+from skiptree.runtime.device import device_description, device_fingerprint
+from skiptree.runtime.generator import read_eos_token_ids
+from skiptree.runtime.manifest import MANIFEST, file_sha256, write_manifest
+from skiptree.runtime.onnx_step import OnnxStepModel, SessionConfig
+from skiptree.runtime.tokenizer import Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")  # fmt: skip
+CHECK_TOKENS = 8
+
+
+def weights_sha256(folder: Path) -> str:
+    """One sha256 over the model's weight files (each file's sha256, in name order)."""
+    digest = hashlib.sha256()
+    for path in weight_files(folder):
+        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def check_against_eager(ir: ModelIR, onnx_path: Path, signature: dict[str, Any]) -> dict[str, Any]:
+    """Prefill + decode a few tokens on both the lowered graph and eager torch; compare."""
+    stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
+    lowered = OnnxStepModel(onnx_path, signature, SessionConfig(threads=0))
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
+    steps = min(CHECK_TOKENS, ir.max_seq_len - CHECK_TOKENS)
+    expected = [stepper.prefill(prompt)]
+    got = [lowered.prefill(prompt)]
+    for _ in range(steps):
+        token = int(np.argmax(expected[-1]))
+        expected.append(stepper.decode(token))
+        got.append(lowered.decode(token))
+    expected_arr, got_arr = np.stack(expected), np.stack(got)
+    return {
+        "steps": len(expected),
+        "max_abs_logit_error": float(np.abs(expected_arr - got_arr).max()),
+        "argmax_agreement": float((expected_arr.argmax(-1) == got_arr.argmax(-1)).mean()),
+    }
+
+
+def _prepare_output(out_dir: Path) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise CompileOptionError(
+            f"{out_dir} exists and is not a skiptree artifact", "choose an empty or new -o folder"
+        )
+
+
+@contextlib.contextmanager
+def building_folder(dest: Path) -> Iterator[Path]:
+    """A temporary sibling to build in; renamed over `dest` (an older artifact) only on success."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(dest)
+    tmp = temp_sibling(dest)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        old = temp_sibling(dest)
+        os.replace(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+
+
+def compile_model(
+    source: str | Path,
+    out_dir: Path,
+    options: CompileOptions | None = None,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+) -> Path:
+    """Compile a model (zoo name, HF folder or GGUF file) into an artifact at `out_dir`."""
+    out_dir = Path(out_dir)
+    options = options or CompileOptions()
+    _prepare_output(out_dir)
+    start = time.perf_counter()
+
+    def phase(name: str) -> None:
+        log(f"[{time.perf_counter() - start:6.1f} s] {name}")
+
+    phase(f"resolving {source}")
+    folder = resolve_model_dir(source)
+    phase(f"loading weights from {folder}")
+    model = load_model(folder)
+    options = options.validate(model.config.max_position_embeddings)
+    tokenizer = Tokenizer.from_folder(folder)
+    phase(f"tracing the step graph (max_seq_len {options.max_seq_len})")
+    ir = trace_model(model, options.max_seq_len)
+    pipeline = build_pipeline(options)
+    phase(f"running {len(pipeline)} passes{' with the verifier' if options.verify else ''}")
+    ir = PassManager(pipeline, verify=options.verify, dump_dir=options.dump_ir, log=log).run(ir)
+
+    with building_folder(out_dir) as building:
+        phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
+        files = lower_to_onnx(ir, building)
+        signatures = {name: step.signature_json() for name, step in ir.graphs.items()}
+        check = None
+        if options.check:
+            phase("checking the lowered graph against eager torch")
+            check = check_against_eager(ir, building / files["step"], signatures["step"])
+            log(f"         max |logit error| {check['max_abs_logit_error']:.2e}, "
+                f"argmax agreement {check['argmax_agreement']:.2f} over {check['steps']} steps")
+        phase("writing tokenizer and manifest")
+        (building / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, building / "tokenizer" / name)
+        device = device_description("onnxruntime", onnxruntime.__version__)
+        write_manifest(building, {
+            "skiptree_version": skiptree.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {"source": str(source), "model_type": ir.config.model_type,
+                      "weights_sha256": weights_sha256(folder), "config": ir.config.to_json()},
+            "backend": {"name": "onnxruntime", "version": onnxruntime.__version__,
+                        "optimization_level": options.optimization_level, "threads": options.threads},
+            "device": {**device, "fingerprint": device_fingerprint(device)},
+            "max_seq_len": options.max_seq_len,
+            "graphs": {name: {"file": files[name], "signature": signatures[name]} for name in files},
+            "tokenizer": {"folder": "tokenizer", "eos_token_ids": read_eos_token_ids(folder, tokenizer)},
+            "pipeline": [{"name": r.name, "options": r.options, "modified": r.modified}
+                         for r in ir.passes_run],
+            "check": check,
+            "torch_version": torch.__version__,
+        })  # fmt: skip
+    phase(f"artifact written to {out_dir}")
+    return out_dir

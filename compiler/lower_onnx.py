@@ -1,0 +1,59 @@
+"""Lower the IR's step graphs to ONNX files that ONNX Runtime runs.
+
+`torch.onnx.export(ExportedProgram, dynamo=True)` translates each graph; the onnxscript optimizer
+folds constants; weights go to one external-data file per graph (`step.onnx.data`), so models
+past protobuf's 2 GB limit work the same way. Each cache write is one ScatterND whose output the
+runtime binds to its input buffer (see `skiptree.runtime.onnx_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from skiptree.compiler.ir import ModelIR, StepGraph
+
+
+def _rename_dynamic_dims(model: onnx.ModelProto, step: StepGraph) -> None:
+    """Export names the token dim after its symbol (e.g. `s18`); give I/O our names back."""
+    specs = {spec.name: spec for spec in [*step.inputs, *step.outputs]}
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = specs[value.name]
+        for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape, strict=True):
+            if isinstance(size, str):
+                dim.dim_param = size
+
+
+def export_onnx(step: StepGraph, path: Path) -> Path:
+    """Write one step graph as `path` (+ `path.data` holding the weights)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # exporter chatter (torchvision ops, pytree notices)
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            step.program,
+            input_names=[spec.name for spec in step.inputs],
+            output_names=[spec.name for spec in step.outputs],
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+    graph = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
+    _rename_dynamic_dims(graph, step)
+    onnx.save(graph, str(path))
+    return path
+
+
+def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, str]:
+    """Export every step graph of the IR into `folder`; returns graph name -> file name."""
+    files = {}
+    for name, step in ir.graphs.items():
+        export_onnx(step, Path(folder) / f"{name}.onnx")
+        files[name] = f"{name}.onnx"
+    return files

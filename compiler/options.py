@@ -1,0 +1,47 @@
+"""`CompileOptions`: everything `skiptree compile` takes, as one frozen dataclass.
+
+CLI flags and `skiptree.compile(**options)` both build this; it is checked once (`validate`)
+and then only read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from skiptree.errors import SkiptreeError
+
+BACKENDS = ("onnxruntime",)
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+DEFAULT_MAX_SEQ_LEN = 2048  # attention runs over all S slots: a smaller S is a faster step
+
+
+class CompileOptionError(SkiptreeError):
+    """A compile option that cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "onnxruntime"
+    max_seq_len: int | None = None  # None: min(model context, DEFAULT_MAX_SEQ_LEN)
+    optimization_level: str = "extended"
+    threads: int = 0  # runtime default for the artifact (0 = ORT decides)
+    dump_ir: Path | None = None
+    verify: bool = False
+    check: bool = True  # run the lowered graph against eager torch before writing the manifest
+
+    def validate(self, context: int) -> CompileOptions:
+        """Check against the model's context; returns the options with max_seq_len resolved."""
+        if self.backend not in BACKENDS:
+            raise CompileOptionError(f"backend '{self.backend}' is not available",
+                                     f"use one of: {', '.join(BACKENDS)}")  # fmt: skip
+        if self.optimization_level not in OPTIMIZATION_LEVELS:
+            raise CompileOptionError(f"optimization level '{self.optimization_level}' is unknown",
+                                     f"use one of: {', '.join(OPTIMIZATION_LEVELS)}")  # fmt: skip
+        max_seq_len = self.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
+        if not 2 <= max_seq_len <= context:
+            raise CompileOptionError(
+                f"--max-seq-len {max_seq_len} is outside 2..{context} (the model's context)",
+                f"pass a value from 2 to {context}",
+            )
+        return CompileOptions(**{**self.__dict__, "max_seq_len": max_seq_len})
