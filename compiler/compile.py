@@ -7,13 +7,11 @@ place only when complete (the manifest, with every file's sha256, is written las
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.compiler.pass_manager import PassManager
 from skiptree.compiler.pipeline import build_pipeline
 from skiptree.compiler.trace import trace_model
-from skiptree.models.gguf_convert import clean_stale_temps, temp_sibling
+from skiptree.models.gguf_convert import atomic_folder
 from skiptree.models.loader import load_model, weight_files
 from skiptree.models.reference import ReferenceStepper
 from skiptree.models.source import resolve_model_dir
@@ -78,27 +76,6 @@ def _prepare_output(out_dir: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def building_folder(dest: Path) -> Iterator[Path]:
-    """A temporary sibling to build in; renamed over `dest` (an older artifact) only on success."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(dest)
-    tmp = temp_sibling(dest)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        old = temp_sibling(dest)
-        os.replace(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-
-
 def compile_model(
     source: str | Path,
     out_dir: Path,
@@ -126,7 +103,7 @@ def compile_model(
     phase(f"running {len(pipeline)} passes{' with the verifier' if options.verify else ''}")
     ir = PassManager(pipeline, verify=options.verify, dump_dir=options.dump_ir, log=log).run(ir)
 
-    with building_folder(out_dir) as building:
+    with atomic_folder(out_dir, replace=True) as building:  # an older artifact is replaced
         phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
         files = lower_to_onnx(ir, building)
         signatures = {name: step.signature_json() for name, step in ir.graphs.items()}

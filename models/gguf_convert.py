@@ -348,9 +348,10 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(dest: Path) -> Iterator[Path]:
+def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of `dest`; on normal exit mark it complete and rename it
-    to `dest` (replacing an incomplete `dest`). On any exception, Ctrl-C included, remove it."""
+    to `dest` (replacing an incomplete `dest`, or any `dest` when `replace`). On any exception,
+    Ctrl-C included, remove it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(dest)
@@ -359,14 +360,14 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         _write_json(tmp / COMPLETE_MARKER, {"converter_version": CONVERTER_VERSION})
-        _publish(tmp, dest)
+        _publish(tmp, dest, replace)
     except BaseException:
         _remove(tmp)
         raise
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    if dest.exists() and not is_complete(dest):
+def _publish(tmp: Path, dest: Path, replace: bool = False) -> None:
+    if dest.exists() and (replace or not is_complete(dest)):
         old = temp_sibling(dest)
         os.replace(dest, old)  # out of the way first, so `dest` never holds a half-deleted folder
         _remove(old)

@@ -122,3 +122,32 @@ def test_context_overflow_is_refused(pair):
     _, runtime = pair
     with pytest.raises(skiptree.GenerationError, match="but the context holds 48"):
         runtime.generate(list(range(40)), max_new_tokens=10)
+
+
+def test_wrong_format_version_and_truncated_onnx_are_refused(artifact_copy):
+    manifest_path = artifact_copy / "manifest.json"
+    manifest = manifest_path.read_text()
+    manifest_path.write_text(manifest.replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(ModelSourceError, match=re.escape(
+        f"artifact {artifact_copy} has format version 99, this skiptree reads 1; recompile it with "
+        "skiptree compile from this version."
+    )):  # fmt: skip
+        skiptree.load(artifact_copy)
+    manifest_path.write_text(manifest)
+    graph = artifact_copy / "step.onnx"
+    size = graph.stat().st_size
+    graph.write_bytes(graph.read_bytes()[: size // 2])
+    with pytest.raises(IntegrityError, match=re.escape(
+        f"artifact file step.onnx has {size // 2} bytes, the manifest says {size}; the artifact is "
+        "truncated or corrupted; recompile it with skiptree compile."
+    )):  # fmt: skip
+        skiptree.load(artifact_copy)
+
+
+def test_recompiling_replaces_an_older_artifact(tiny_artifact, tmp_path):
+    folder, _ = tiny_artifact
+    out = tmp_path / "art"
+    skiptree.compile(folder, out, max_seq_len=16, check=False)
+    skiptree.compile(folder, out, max_seq_len=24, check=False)
+    assert skiptree.load(out).manifest["max_seq_len"] == 24
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary folders left behind
