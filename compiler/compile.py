@@ -20,6 +20,7 @@ import onnxruntime
 import torch
 
 import skiptree
+from skiptree.compiler.draft import build_drafter
 from skiptree.compiler.ir import ModelIR
 from skiptree.compiler.lower_onnx import lower_to_onnx
 from skiptree.compiler.options import CompileOptionError, CompileOptions
@@ -94,7 +95,7 @@ def compile_model(
     phase(f"resolving {source}")
     folder = resolve_model_dir(source)
     phase(f"loading weights from {folder}")
-    model = load_model(folder)
+    model = load_model(folder, getattr(torch, options.dtype))
     options = options.validate(model.config.max_position_embeddings)
     tokenizer = Tokenizer.from_folder(folder)
     phase(f"tracing the step graph (max_seq_len {options.max_seq_len})")
@@ -113,6 +114,10 @@ def compile_model(
             check = check_against_eager(ir, building / files["step"], signatures["step"])
             log(f"         max |logit error| {check['max_abs_logit_error']:.2e}, "
                 f"argmax agreement {check['argmax_agreement']:.2f} over {check['steps']} steps")
+        speculative = None
+        if options.draft:
+            phase(f"building the drafter ({options.draft}, tree {options.tree})")
+            speculative = build_drafter(options, tokenizer, building, log)
         phase("writing tokenizer and manifest")
         (building / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
@@ -133,6 +138,8 @@ def compile_model(
             "pipeline": [{"name": r.name, "options": r.options, "modified": r.modified}
                          for r in ir.passes_run],
             "check": check,
+            "speculative": speculative,
+            "dtype": options.dtype,
             "torch_version": torch.__version__,
         })  # fmt: skip
     phase(f"artifact written to {out_dir}")

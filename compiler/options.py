@@ -29,6 +29,10 @@ class CompileOptions:
     dump_ir: Path | None = None
     verify: bool = False
     check: bool = True  # run the lowered graph against eager torch before writing the manifest
+    draft: str | None = None  # None: plain decoding; "prompt-lookup"; or a draft model source
+    tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
+    max_tree: int = 64  # largest tree (root included) the verify graph accepts
+    dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
 
     def validate(self, context: int) -> CompileOptions:
         """Check against the model's context; returns the options with max_seq_len resolved."""
@@ -38,6 +42,14 @@ class CompileOptions:
         if self.optimization_level not in OPTIMIZATION_LEVELS:
             raise CompileOptionError(f"optimization level '{self.optimization_level}' is unknown",
                                      f"use one of: {', '.join(OPTIMIZATION_LEVELS)}")  # fmt: skip
+        if self.dtype not in ("float32", "float64"):
+            raise CompileOptionError(f"dtype '{self.dtype}' is not supported", "use float32 or float64")
+        if self.draft is not None:
+            from skiptree.runtime.tree import parse_tree
+
+            if parse_tree(self.tree).size + 1 > self.max_tree:
+                raise CompileOptionError(f"tree {self.tree} has more than max_tree - 1 = {self.max_tree - 1} "
+                                         "nodes", "use a smaller tree or raise max_tree")  # fmt: skip
         max_seq_len = self.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
         if not 2 <= max_seq_len <= context:
             raise CompileOptionError(

@@ -12,11 +12,12 @@ from __future__ import annotations
 from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pass_manager import Pass
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
+from skiptree.passes.insert_tree_verify import InsertTreeVerify
 
 
 def build_pipeline(options: CompileOptions) -> list[Pass]:
     """The passes a compile with these options runs, in order."""
     structure: list[Pass] = []
-    verification: list[Pass] = []
+    verification: list[Pass] = [InsertTreeVerify(max_tree=options.max_tree)] if options.draft else []
     cleanup: list[Pass] = [EliminateDeadCode()]
     return [*structure, *verification, *cleanup]

@@ -65,23 +65,42 @@ def _spec(name: str, value: torch.Tensor, dynamic_dims: dict[int, str]) -> Tenso
     return TensorSpec(name, str(value.dtype).removeprefix("torch."), shape)
 
 
+def export_with_caches(
+    name: str,
+    module: nn.Module,
+    inputs: list[tuple[str, torch.Tensor, dict[int, str]]],
+    caches: tuple[torch.Tensor, ...],
+    outputs: list[TensorSpec],
+    max_tokens: int,
+) -> StepGraph:
+    """Export `module(*inputs, *caches) -> (*outputs, *updated caches)` into a `StepGraph`.
+
+    `inputs` are (name, example, {dim: "T"}); every dim named "T" is one dynamic token count in
+    [1, max_tokens]. The caches (k0..k{L-1}, v0..v{L-1}) are updated in place and returned.
+    """
+    tokens = torch.export.Dim("T", min=1, max=max_tokens)
+    dynamic = {input_name: {dim: tokens for dim in dims} or None for input_name, _, dims in inputs}
+    dynamic["caches"] = (None,) * len(caches)
+    example = (*(value for _, value, _ in inputs), *caches)
+    program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic)
+    cache_specs = [_spec(cache, value, {}) for cache, value in zip(cache_names(len(caches) // 2), caches,
+                                                                    strict=True)]  # fmt: skip
+    input_specs = [_spec(input_name, value, dims) for input_name, value, dims in inputs] + cache_specs
+    cache_outputs = [TensorSpec(f"{spec.name}_out", spec.dtype, spec.shape) for spec in cache_specs]
+    output_specs = [*outputs, *cache_outputs]
+    in_place = {f"{spec.name}_out": spec.name for spec in cache_specs}
+    return StepGraph(name, program, input_specs, output_specs, in_place)
+
+
 def trace_step(model: CausalLM, max_seq_len: int) -> StepGraph:
     """Export the step function with T dynamic in [1, max_seq_len]."""
-    tokens = torch.export.Dim("T", min=1, max=max_seq_len)
-    layers = model.config.num_layers
-    dynamic = {"input_ids": {1: tokens}, "positions": {1: tokens}, "attn_bias": {2: tokens},
-               "write_slots": {0: tokens}, "caches": (None,) * (2 * layers)}  # fmt: skip
     example = example_step_inputs(model, max_seq_len)
-    program = torch.export.export(StepModule(model).eval(), example, dynamic_shapes=dynamic)
-    dims = {"input_ids": {1: "T"}, "positions": {1: "T"}, "attn_bias": {2: "T"}, "write_slots": {0: "T"}}
-    names = [*STEP_INPUTS, *cache_names(layers)]
-    inputs = [_spec(name, value, dims.get(name, {})) for name, value in zip(names, example, strict=True)]
-    dtype = inputs[-1].dtype
+    dims = ({1: "T"}, {1: "T"}, {2: "T"}, {0: "T"})
+    inputs = [(name, value, dim) for name, value, dim in zip(STEP_INPUTS, example[:4], dims, strict=True)]
+    dtype = str(example[4].dtype).removeprefix("torch.")
     outputs = [TensorSpec("logits", dtype, (1, "T", model.config.vocab_size)),
                TensorSpec("next_ids", "int64", (1, "T"))]  # fmt: skip
-    outputs += [TensorSpec(f"{spec.name}_out", dtype, spec.shape) for spec in inputs[len(STEP_INPUTS) :]]
-    in_place = {f"{name}_out": name for name in cache_names(layers)}
-    return StepGraph("step", program, inputs, outputs, in_place)
+    return export_with_caches("step", StepModule(model), inputs, example[4:], outputs, max_seq_len)
 
 
 def trace_model(model: CausalLM, max_seq_len: int) -> ModelIR:

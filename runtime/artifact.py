@@ -2,45 +2,83 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from skiptree.errors import ModelSourceError
+from skiptree.runtime.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter
+from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
-from skiptree.runtime.onnx_step import OnnxStepModel, SessionConfig
+from skiptree.runtime.onnx_step import KVCache, OnnxGraph, OnnxStepModel, SessionConfig
+from skiptree.runtime.sampling import SamplingConfig
+from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tokenizer import Tokenizer
+from skiptree.runtime.tree import TreeShape
 
 
 class Runtime(TextGenerator):
-    """A loaded artifact: `generate(...)` with transformers' option names; see `TextGenerator`."""
+    """A loaded artifact: `generate(...)` with transformers' option names; see `TextGenerator`.
 
-    def __init__(self, folder: Path, threads: int | None = None, check_hashes: bool = True):
+    An artifact compiled with a drafter decodes speculatively (`speculative=False` turns it off).
+    """
+
+    def __init__(self, folder: Path, threads: int | None = None, check_hashes: bool = True,
+                 speculative: bool = True):  # fmt: skip
         self.folder = Path(folder)
         self.manifest: dict[str, Any] = read_manifest(self.folder, check_hashes=check_hashes)
         backend = self.manifest["backend"]
         if backend["name"] != "onnxruntime":
             raise ModelSourceError(f"artifact backend '{backend['name']}' is not supported here",
                                    "recompile with --backend onnxruntime")  # fmt: skip
-        step = self.manifest["graphs"]["step"]
-        session = SessionConfig(
+        self.session_config = SessionConfig(
             threads=backend.get("threads", 0) if threads is None else threads,
             optimization_level=backend.get("optimization_level", "extended"),
         )
-        self.step_model = OnnxStepModel(self.folder / step["file"], step["signature"], session)
+        graphs = self.manifest["graphs"]
+        self.step_model = OnnxStepModel(self.folder / graphs["step"]["file"], graphs["step"]["signature"],
+                                        self.session_config)  # fmt: skip
         self.tokenizer = Tokenizer.from_folder(self.folder / self.manifest["tokenizer"]["folder"])
         self.eos_token_ids = list(self.manifest["tokenizer"]["eos_token_ids"])
+        spec = self.manifest.get("speculative")
+        self.speculative = self._speculative_decoder(spec) if spec and speculative else None
+
+    def _graph(self, name: str) -> OnnxGraph:
+        return OnnxGraph(self.folder / self.manifest["graphs"][name]["file"], self.step_model.cache,
+                         self.session_config)  # fmt: skip
+
+    def _drafter(self, spec: dict[str, Any]) -> Drafter:
+        if spec["drafter"] == "prompt-lookup":
+            return PromptLookupDrafter()
+        draft = spec["draft_model"]
+        cache = KVCache(draft["signature"])
+        return DraftModelDrafter(OnnxStepModel(self.folder / draft["file"], draft["signature"],
+                                               self.session_config, cache))  # fmt: skip
+
+    def _speculative_decoder(self, spec: dict[str, Any]) -> SpeculativeDecoder:
+        shape = TreeShape(tuple(spec["tree"]["parents"]), spec["tree"].get("spec", ""))
+        return SpeculativeDecoder(self.step_model, self._graph("verify"), self._graph("compact"),
+                                  self._drafter(spec), shape)  # fmt: skip
+
+    def decode_tokens(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
+                      eos: Sequence[int], seed: int | None,
+                      on_token: Callable[[int], None] | None) -> GenerationResult:  # fmt: skip
+        if self.speculative is None:
+            return super().decode_tokens(prompt_ids, max_new_tokens, sampling, eos, seed, on_token)
+        return self.speculative.generate(prompt_ids, max_new_tokens, sampling, eos, seed, on_token)
 
     @property
     def description(self) -> str:
-        backend = self.manifest["backend"]
-        return f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}"
+        backend, spec = self.manifest["backend"], self.manifest.get("speculative")
+        mode = f", speculative: {spec['drafter']} {spec['tree']['spec']}" if self.speculative else ""
+        return f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}{mode}"
 
 
 def is_artifact(path: Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def load(path: str | Path, threads: int | None = None) -> Runtime:
+def load(path: str | Path, threads: int | None = None, speculative: bool = True) -> Runtime:
     """Open an artifact directory written by `skiptree compile`."""
-    return Runtime(Path(path), threads=threads)
+    return Runtime(Path(path), threads=threads, speculative=speculative)

@@ -60,6 +60,7 @@ class GenerationOutput:
             "stop_reason": self.result.stop_reason,
             "tokens_per_second": round(self.result.tokens_per_second, 3),
             "prefill_seconds": round(self.result.prefill_seconds, 6),
+            "mean_accepted": round(getattr(self.result, "mean_accepted", 1.0), 4),
         }
 
 
@@ -101,7 +102,11 @@ class TextGenerator:
             streamer(token, stream.push(token))
 
         on_token = None if streamer is None else on_token
-        result = generate_tokens(
-            self.step_model, prompt_ids, max_new_tokens, sampling, eos, seed, on_token
-        )
+        result = self.decode_tokens(prompt_ids, max_new_tokens, sampling, eos, seed, on_token)
         return GenerationOutput(result, self.tokenizer.decode(result.token_ids))
+
+    def decode_tokens(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
+                      eos: Sequence[int], seed: int | None,
+                      on_token: Callable[[int], None] | None) -> GenerationResult:  # fmt: skip
+        """The decoding loop; plain autoregressive here, speculative in artifacts that draft."""
+        return generate_tokens(self.step_model, prompt_ids, max_new_tokens, sampling, eos, seed, on_token)

@@ -1,9 +1,11 @@
-"""Run a lowered step graph with ONNX Runtime: the `StepModel` of an onnxruntime artifact.
+"""Run lowered graphs with ONNX Runtime over one shared, in-place KV cache.
 
-The KV cache lives in two numpy buffers `[L, B, Hkv, S, D]` owned here. Each layer's slice is
-bound by pointer as graph input `k{i}` / `v{i}` *and* as output `k{i}_out` / `v{i}_out`: ORT's
-ScatterND then updates the cache in place, so no step copies the cache, through numpy or
-otherwise (`test_cache_is_updated_in_place` watches for that ORT behaviour changing).
+The cache lives in two numpy buffers `[L, B, Hkv, S, D]` owned by `KVCache`. Every graph of a
+model (step, verify, compact) binds each layer's slice by pointer as input `k{i}` / `v{i}` *and*
+as output `k{i}_out` / `v{i}_out`: ORT's ScatterND then updates the cache in place, so no call
+copies the cache, through numpy or otherwise (`test_cache_is_updated_in_place` watches for that
+ORT behaviour changing). Only the outputs a caller asks for are bound and fetched: greedy
+decoding fetches `next_ids` and never the `[T, vocab]` logits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ OPTIMIZATION_LEVELS = {
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """How to run the graph: threads (0 = ORT's default), optimisation level, providers."""
+    """How to run the graphs: threads (0 = ORT's default), optimisation level, providers."""
 
     threads: int = 0
     optimization_level: str = "extended"  # measured: "all" gains nothing on CPU here
@@ -41,68 +43,99 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=list(config.providers))
 
 
-class OnnxStepModel:
-    """Prefill and decode through one ORT session with an in-place KV cache of `max_seq_len` slots.
+def _is_cache(name: str) -> bool:
+    return name[:1] in ("k", "v") and name[1:].isdigit()
 
-    `signature` is the manifest's description of the step graph (inputs with shapes and dtypes).
-    """
 
-    def __init__(self, path: Path, signature: dict, config: SessionConfig | None = None):
-        self.session = make_session(path, config or SessionConfig())
-        caches = [spec for spec in signature["inputs"] if spec["name"][:1] in ("k", "v")
-                  and spec["name"][1:].isdigit()]  # fmt: skip
-        self.num_layers = len(caches) // 2
-        self.cache_shape = [int(d) for d in caches[0]["shape"]]  # [B, Hkv, S, D]
-        self.max_seq_len = self.cache_shape[2]
-        self.dtype = np.dtype(caches[0]["dtype"])
-        self.k_cache = np.zeros((self.num_layers, *self.cache_shape), self.dtype)
-        self.v_cache = np.zeros_like(self.k_cache)
-        self.binding = self.session.io_binding()
-        for layer in range(self.num_layers):
-            for prefix, buffer in (("k", self.k_cache), ("v", self.v_cache)):
-                self.binding.bind_input(f"{prefix}{layer}", "cpu", 0, self.dtype, self.cache_shape,
-                                        buffer[layer].ctypes.data)  # fmt: skip
+class KVCache:
+    """The K and V buffers of one model, `[L, B, Hkv, S, D]`, and how many slots are filled."""
+
+    def __init__(self, signature: dict):
+        specs = [spec for spec in signature["inputs"] if _is_cache(spec["name"])]
+        self.num_layers = len(specs) // 2
+        self.layer_shape = [int(d) for d in specs[0]["shape"]]  # [B, Hkv, S, D]
+        self.max_seq_len = self.layer_shape[2]
+        self.dtype = np.dtype(specs[0]["dtype"])
+        self.k = np.zeros((self.num_layers, *self.layer_shape), self.dtype)
+        self.v = np.zeros_like(self.k)
         self.length = 0
 
-    def _bind_outputs(self) -> None:
-        # Re-bound every step: ORT keeps the previous run's output shapes otherwise.
-        self.binding.clear_binding_outputs()
+    def layers(self):
         for layer in range(self.num_layers):
-            for prefix, buffer in (("k", self.k_cache), ("v", self.v_cache)):
-                self.binding.bind_output(f"{prefix}{layer}_out", "cpu", 0, self.dtype, self.cache_shape,
-                                         buffer[layer].ctypes.data)  # fmt: skip
-        self.binding.bind_output("logits", "cpu")
-        self.binding.bind_output("next_ids", "cpu")
+            yield f"k{layer}", self.k[layer]
+            yield f"v{layer}", self.v[layer]
+
+
+class OnnxGraph:
+    """One ORT session whose cache inputs/outputs are bound to a shared `KVCache`."""
+
+    def __init__(self, path: Path, cache: KVCache, config: SessionConfig):
+        self.session = make_session(path, config)
+        self.cache = cache
+        self.binding = self.session.io_binding()
+        for name, buffer in cache.layers():
+            self.binding.bind_input(name, "cpu", 0, cache.dtype, cache.layer_shape, buffer.ctypes.data)
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
+        """Run with the given non-cache inputs; returns the requested outputs, in order."""
+        for name, value in inputs.items():
+            self.binding.bind_cpu_input(name, value)
+        # Re-bound every call: ORT keeps the previous run's output shapes otherwise.
+        self.binding.clear_binding_outputs()
+        for name, buffer in self.cache.layers():
+            self.binding.bind_output(f"{name}_out", "cpu", 0, self.cache.dtype, self.cache.layer_shape,
+                                     buffer.ctypes.data)  # fmt: skip
+        for name in outputs:
+            self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+        fetched = self.binding.get_outputs()[2 * self.cache.num_layers :]  # binding order
+        return [value.numpy() for value in fetched]
+
+
+class OnnxStepModel:
+    """Prefill and decode through the "step" graph (a `StepModel` for the decoding loop)."""
+
+    def __init__(self, path: Path, signature: dict, config: SessionConfig | None = None,
+                 cache: KVCache | None = None):  # fmt: skip
+        self.cache = cache or KVCache(signature)
+        self.graph = OnnxGraph(path, self.cache, config or SessionConfig())
+        self.max_seq_len = self.cache.max_seq_len
+
+    @property
+    def k_cache(self) -> np.ndarray:
+        return self.cache.k
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
 
     def causal_bias(self, steps: int) -> np.ndarray:
         """[1, 1, T, S]: token length+t may attend slots 0..length+t."""
-        rows = self.length + np.arange(steps)[:, None]
+        rows = self.cache.length + np.arange(steps)[:, None]
         allowed = np.arange(self.max_seq_len)[None, :] <= rows
-        bias = np.where(allowed, 0.0, np.finfo(self.dtype).min).astype(self.dtype)
-        return bias[None, None]
+        return np.where(allowed, 0.0, np.finfo(self.cache.dtype).min).astype(self.cache.dtype)[None, None]
 
-    def forward(self, token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Append tokens; returns (logits [T, V], argmax ids [T])."""
-        steps = len(token_ids)
-        if self.length + steps > self.max_seq_len:
-            raise ValueError(f"{self.length + steps} tokens overflow the cache of {self.max_seq_len}")
-        positions = np.arange(self.length, self.length + steps, dtype=np.int64)
-        for name, value in (
-            ("input_ids", np.asarray([token_ids], dtype=np.int64)),
-            ("positions", positions[None]),
-            ("attn_bias", self.causal_bias(steps)),
-            ("write_slots", positions),
-        ):
-            self.binding.bind_cpu_input(name, value)
-        self._bind_outputs()
-        self.session.run_with_iobinding(self.binding)
-        outputs = self.binding.get_outputs()  # in binding order: caches, logits, next_ids
-        self.length += steps
-        return outputs[-2].numpy()[0], outputs[-1].numpy()[0]
+    def run_tokens(self, token_ids: list[int], positions: np.ndarray, bias: np.ndarray, slots: np.ndarray,
+                   outputs: tuple[str, ...]) -> list[np.ndarray]:  # fmt: skip
+        """One step with explicit positions [T], bias [1, 1, T, S] and write slots [T] (a tree)."""
+        inputs = {"input_ids": np.asarray([token_ids], dtype=np.int64),
+                  "positions": np.asarray(positions, dtype=np.int64)[None], "attn_bias": bias,
+                  "write_slots": np.asarray(slots, dtype=np.int64)}  # fmt: skip
+        return [value[0] for value in self.graph.run(inputs, outputs)]
+
+    def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
+        """Append tokens to the cache; returns the requested outputs for them (batch dim dropped)."""
+        steps, start = len(token_ids), self.cache.length
+        if start + steps > self.max_seq_len:
+            raise ValueError(f"{start + steps} tokens overflow the cache of {self.max_seq_len}")
+        positions = np.arange(start, start + steps, dtype=np.int64)
+        values = self.run_tokens(token_ids, positions, self.causal_bias(steps), positions, outputs)
+        self.cache.length = start + steps
+        return values
 
     def prefill(self, prompt_ids: list[int]) -> np.ndarray:
-        self.length = 0  # stale slots are masked by the causal bias
-        return self.forward(prompt_ids)[0][-1]
+        self.cache.length = 0  # stale slots are masked by the causal bias
+        return self.forward(prompt_ids, ("logits",))[0][-1]
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self.forward([token_id])[0][-1]
+        return self.forward([token_id], ("logits",))[0][-1]

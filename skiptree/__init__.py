@@ -37,11 +37,14 @@ def compile(model: str | Path, out_dir: str | Path, **options: Any) -> Path:  # 
     return compile_model(model, Path(out_dir), CompileOptions(**options))
 
 
-def load(path: str | Path, threads: int | None = None) -> Runtime:
-    """Open an artifact written by `compile`; its manifest and file hashes are checked first."""
+def load(path: str | Path, threads: int | None = None, speculative: bool = True) -> Runtime:
+    """Open an artifact written by `compile`; its manifest and file hashes are checked first.
+
+    An artifact compiled with a drafter decodes speculatively unless `speculative=False`.
+    """
     from skiptree.runtime.artifact import load as load_artifact
 
-    return load_artifact(path, threads=threads)
+    return load_artifact(path, threads=threads, speculative=speculative)
 
 
 __all__ = [

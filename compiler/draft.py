@@ -1,0 +1,54 @@
+"""The drafter part of a speculative artifact: prompt lookup (nothing to build) or a draft model
+compiled next to the target ("draft_step.onnx"), which must share the target's tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skiptree.compiler.lower_onnx import export_onnx
+from skiptree.compiler.options import CompileOptionError, CompileOptions
+from skiptree.compiler.trace import trace_model
+from skiptree.models.loader import load_model
+from skiptree.models.source import resolve_model_dir
+from skiptree.runtime.tokenizer import Tokenizer
+from skiptree.runtime.tree import parse_tree
+
+FREE_DRAFTERS = ("prompt-lookup",)
+
+
+def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_source: str) -> None:
+    if target.backend.get_vocab(with_added_tokens=True) != draft.backend.get_vocab(with_added_tokens=True):
+        raise CompileOptionError(
+            f"draft model {draft_source} has a different tokenizer than the target "
+            f"({draft.vocab_size} vs {target.vocab_size} tokens, or different ids)",
+            "pick a draft model from the target's family (same tokenizer), or --draft prompt-lookup",
+        )
+
+
+def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, building: Path,
+                  log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Compile the drafter into the artifact folder; returns its manifest entry."""
+    shape = parse_tree(options.tree)
+    entry: dict[str, Any] = {"tree": shape.to_json(), "max_tree": options.max_tree}
+    if options.draft in FREE_DRAFTERS:
+        return {**entry, "drafter": options.draft}
+    folder = resolve_model_dir(options.draft)
+    check_same_tokenizer(target_tokenizer, Tokenizer.from_folder(folder), str(options.draft))
+    dtype = getattr(torch, options.dtype)
+    model = load_model(folder, dtype)
+    if model.config.max_position_embeddings < options.max_seq_len:
+        raise CompileOptionError(
+            f"draft model context {model.config.max_position_embeddings} < max_seq_len {options.max_seq_len}",
+            "lower --max-seq-len",
+        )
+    log(f"         draft model {options.draft}: tracing and lowering its step graph")
+    ir = trace_model(model, options.max_seq_len)
+    export_onnx(ir.graphs["step"], building / "draft_step.onnx")
+    return {**entry, "drafter": "draft-model", "draft_model": {
+        "source": str(options.draft), "model_type": model.config.model_type,
+        "config": model.config.to_json(), "file": "draft_step.onnx",
+        "signature": ir.graphs["step"].signature_json()}}  # fmt: skip

@@ -1,0 +1,112 @@
+"""InsertTreeVerify: a graph that verifies a whole draft tree in one target step, and KV compaction.
+
+The verify graph takes the tree itself, not a mask: `tokens [1, T]` (node 0 is the root, the last
+accepted token, whose K/V are not cached yet; nodes 1..T-1 are drafts), `parents [T]` (the parent
+of each node in the same numbering; the root's entry is ignored) and `prefix_len [1]` (tokens
+already cached). In-graph it derives
+
+    ancestors   A = closure of (I + parent edges)  by repeated squaring (no value-dependent loop)
+    positions   prefix_len + depth,  depth[i] = |ancestors of i| - 1
+    write slots prefix_len + i
+    attn bias   slot s visible from node i  iff  s < prefix_len  or  A[i, s - prefix_len]
+
+and returns `next_ids [T]` (the target's argmax after each node: all that greedy verification
+needs) and `logits [1, T, V]` (bound only by sampling verification, which needs the target's
+distribution at every node).
+
+The compact graph moves accepted K/V into contiguous slots: `cache[:, :, to] = cache[:, :, from]`
+for each layer, in place (one ScatterND per cache, aliased like the step graph's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
+from skiptree.compiler.pass_manager import Pass, PassResult
+from skiptree.compiler.trace import export_with_caches
+from skiptree.models.base import CausalLM, mask_value
+
+
+def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
+    """[T, T] float, A[i, j] = 1 iff j is i or an ancestor of i. parents[0] (the root) is ignored."""
+    steps = parents.shape[0]
+    nodes = torch.arange(steps)
+    edges = (parents.clamp(min=0)[:, None] == nodes[None, :]) & (nodes[:, None] > 0)
+    reach = (edges | (nodes[:, None] == nodes[None, :])).float()
+    for _ in range(squarings):  # after k squarings, paths of length up to 2^k are covered
+        reach = (reach @ reach).clamp(max=1.0)
+    return reach
+
+
+class TreeVerifyModule(nn.Module):
+    """verify(tokens, parents, prefix_len, *caches) -> (next_ids, logits, *caches)."""
+
+    def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int):
+        super().__init__()
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.squarings = max(1, math.ceil(math.log2(max_tree)))
+        self.num_layers = model.config.num_layers
+
+    def forward(self, tokens, parents, prefix_len, *caches):
+        steps = tokens.shape[1]
+        ancestors = tree_ancestors(parents, self.squarings)  # [T, T]
+        depth = ancestors.sum(-1).to(torch.int64) - 1
+        positions = (prefix_len + depth)[None]  # [1, T]
+        write_slots = prefix_len + torch.arange(steps)
+        slots = torch.arange(self.max_seq_len)
+        visible = (slots < prefix_len)[None, :].expand(steps, -1).float()  # cached prefix
+        visible = visible.index_put((torch.arange(steps)[:, None], write_slots[None, :]), ancestors)
+        dtype = caches[0].dtype
+        bias = ((1.0 - visible) * mask_value(dtype)).to(dtype)[None, None]  # [1, 1, T, S]
+        k_cache, v_cache = caches[: self.num_layers], caches[self.num_layers :]
+        logits = self.model(tokens, positions, bias, k_cache, v_cache, write_slots)
+        return (logits.argmax(-1)[0], logits, *caches)
+
+
+class CompactModule(nn.Module):
+    """compact(from_slots, to_slots, *caches) -> caches with slots `to` overwritten by slots `from`."""
+
+    def forward(self, from_slots, to_slots, *caches):
+        batch, heads = caches[0].shape[:2]
+        index = (torch.arange(batch).view(batch, 1, 1), torch.arange(heads).view(1, heads, 1),
+                 to_slots.view(1, 1, -1))  # fmt: skip
+        for cache in caches:
+            cache.index_put_(index, cache.index_select(2, from_slots))
+        return caches
+
+
+@dataclass(frozen=True)
+class InsertTreeVerify(Pass):
+    """Add the "verify" and "compact" graphs for trees of up to `max_tree` tokens (root included).
+
+    Requires: the IR of a model (any family). Guarantees: the "step" graph is untouched; "verify"
+    and "compact" share its cache layout, so one set of cache buffers serves all three.
+    """
+
+    max_tree: int = 64
+    name = "InsertTreeVerify"
+
+    def run(self, ir: ModelIR) -> PassResult:
+        model, max_len = ir.model, ir.max_seq_len
+        max_tree = min(self.max_tree, max_len)
+        k_cache, v_cache = model.new_kv_cache(1, max_len)
+        caches = (*(c.clone() for c in k_cache.unbind(0)), *(c.clone() for c in v_cache.unbind(0)))
+        dtype = str(k_cache.dtype).removeprefix("torch.")
+        example = [("tokens", torch.zeros(1, 3, dtype=torch.int64), {1: "T"}),
+                   ("parents", torch.tensor([0, 0, 1]), {0: "T"}),
+                   ("prefix_len", torch.tensor([1]), {})]  # fmt: skip
+        outputs = [TensorSpec("next_ids", "int64", ("T",)),
+                   TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size))]  # fmt: skip
+        verify = TreeVerifyModule(model, max_len, max_tree)
+        ir.graphs["verify"] = export_with_caches("verify", verify, example, caches, outputs, max_tree)
+        moves = [("from_slots", torch.tensor([3, 4, 5]), {0: "T"}),
+                 ("to_slots", torch.tensor([1, 2, 3]), {0: "T"})]
+        ir.graphs["compact"] = export_with_caches("compact", CompactModule(), moves, caches, [], max_tree)
+        ir.blocks = build_block_view(ir.config, ir.graphs)
+        return PassResult(ir, True)

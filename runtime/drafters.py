@@ -1,0 +1,134 @@
+"""Drafters: who proposes the tokens of the draft tree. Each fills a static `TreeShape`.
+
+A `Draft` lists the proposed nodes (draft numbering, parents before children, children in rank
+order) and, per verify node (0 = root, i + 1 = draft node i), the distribution its children were
+drawn from (None: proposed deterministically). Nodes a drafter has nothing for are left out with
+their subtrees: the verify step is never padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from skiptree.runtime.onnx_step import OnnxStepModel
+from skiptree.runtime.sampling import SamplingConfig, sampling_probabilities
+from skiptree.runtime.tree import TreeShape, tree_bias
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # -1 = root
+    child_probs: list[np.ndarray | None] = field(default_factory=lambda: [None])  # per verify node
+
+    def add(self, token: int, parent: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.child_probs.append(None)
+        return len(self.tokens) - 1
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, context: list[int], shape: TreeShape, sampling: SamplingConfig,
+                rng: np.random.Generator) -> Draft: ...  # fmt: skip
+
+
+class PromptLookupDrafter:
+    """Prompt lookup: continue the context the way it continued after earlier occurrences of its
+    last n tokens (n from `max_ngram` down to `min_ngram`), most recent occurrence first."""
+
+    name = "prompt-lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.context: list[int] = []
+        self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions of the next token
+
+    def _sync(self, context: list[int]) -> None:
+        if context[: len(self.context)] != self.context:  # a new sequence: rebuild
+            self.context, self.index = [], {}
+        for position in range(len(self.context), len(context)):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if position >= n:
+                    self.index.setdefault(tuple(context[position - n : position]), []).append(position)
+        self.context = list(context)
+
+    def candidates(self, sequence: list[int], limit: int) -> list[int]:
+        """Distinct next tokens after earlier occurrences of the sequence's suffix, best first."""
+        found: list[int] = []
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            for position in reversed(self.index.get(tuple(sequence[-n:]), ())):
+                token = self.context[position]
+                if token not in found:
+                    found.append(token)
+                    if len(found) == limit:
+                        return found
+        return found
+
+    def propose(self, context, shape, sampling, rng) -> Draft:
+        self._sync(context)
+        draft, kept = Draft(), {-1: -1}  # shape node -> draft node
+        paths: dict[int, list[int]] = {-1: []}
+        for parent, kids in shape.children().items():
+            if parent not in kept:
+                continue  # dropped with its subtree
+            options = self.candidates(context + paths[parent], len(kids))
+            for node, token in zip(kids, options, strict=False):
+                kept[node] = draft.add(token, kept[parent])
+                paths[node] = paths[parent] + [token]
+        return draft
+
+
+class DraftModelDrafter:
+    """A small model with the same tokenizer drafts the tree level by level on its own KV cache:
+    greedy takes the top-W tokens per node, sampling draws W without replacement from q."""
+
+    name = "draft-model"
+
+    def __init__(self, model: OnnxStepModel):
+        self.model = model
+
+    def _children_tokens(self, logits: np.ndarray, count: int, sampling: SamplingConfig,
+                         rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:  # fmt: skip
+        if not sampling.do_sample:
+            return [int(t) for t in np.argsort(-logits, kind="stable")[:count]], None
+        q = sampling_probabilities(logits, sampling)
+        count = min(count, int((q > 0).sum()))
+        return [int(t) for t in rng.choice(q.shape[0], size=count, replace=False, p=q)], q
+
+    def propose(self, context, shape, sampling, rng) -> Draft:
+        cache, model = self.model.cache, self.model
+        start = min(cache.length, len(context) - 1)
+        cache.length = start  # the draft's scratch tree slots from the last step are dropped
+        logits = model.forward(context[start:], ("logits",))[0][-1]  # catch up, ending at the root
+        root_slot = len(context) - 1
+        children = shape.children()
+        draft = Draft()
+        tokens, q = self._children_tokens(logits, len(children[-1]), sampling, rng)
+        draft.child_probs[0] = q
+        frontier = [(node, draft.add(token, -1)) for node, token in zip(children[-1], tokens, strict=False)]
+        depth = 1
+        while frontier:
+            expand = [(node, ours) for node, ours in frontier if children[node]]
+            room = model.max_seq_len - (root_slot + 1)
+            expand = [(node, ours) for node, ours in expand if ours < room]
+            if not expand:
+                break
+            rows = [ours for _, ours in expand]
+            bias = tree_bias(draft.parents, root_slot + 1, root_slot + 1, rows, model.max_seq_len,
+                             cache.dtype)  # fmt: skip
+            logits = model.run_tokens([draft.tokens[r] for r in rows], np.full(len(rows), root_slot + depth),
+                                      bias, np.asarray(rows) + root_slot + 1, ("logits",))[0]  # fmt: skip
+            frontier = []
+            for (node, ours), row_logits in zip(expand, logits, strict=True):
+                tokens, q = self._children_tokens(row_logits, len(children[node]), sampling, rng)
+                draft.child_probs[ours + 1] = q
+                frontier += [(kid, draft.add(token, ours))
+                             for kid, token in zip(children[node], tokens, strict=False)]  # fmt: skip
+            depth += 1
+        return draft

@@ -1,0 +1,131 @@
+"""Speculative decoding: draft a tree, verify it in one target step, accept, compact the cache.
+
+Per step, with L tokens cached and the root (the last emitted token) not yet cached:
+  1. the drafter proposes n nodes shaped like the tree (fewer if it has nothing for some);
+     n = 0 -> a plain decode step instead;
+  2. "verify" runs root + drafts at slots L..L+n (node i at L+i), each attending the prefix and its
+     ancestors; greedy fetches only the argmax per node, sampling the logits;
+  3. acceptance (`skiptree.runtime.verify`) picks the path a_1..a_k and the bonus token;
+  4. "compact" moves the K/V of a_j from slot L+a_j to L+j (skipped when already in place);
+     the cache then holds L+1+k tokens and the bonus becomes the next root.
+Emitted tokens stop exactly at EOS or max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from skiptree.runtime.drafters import Drafter
+from skiptree.runtime.generation import GenerationResult, check_context
+from skiptree.runtime.onnx_step import OnnxGraph, OnnxStepModel
+from skiptree.runtime.sampling import SamplingConfig, choose_token, sampling_probabilities
+from skiptree.runtime.tree import TreeShape
+from skiptree.runtime.verify import accept_greedy, accept_sampling, children_of
+
+
+@dataclass
+class StepRecord:
+    drafted: int  # draft nodes verified (0: a plain decode step)
+    accepted: int  # draft tokens accepted
+    emitted: int  # tokens emitted by this step (accepted + bonus, cut at EOS / max_new_tokens)
+    draft_seconds: float
+    verify_seconds: float
+
+
+@dataclass
+class SpeculativeResult(GenerationResult):
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per target step (the prefill's first token excluded); plain decoding: 1.0."""
+        emitted = sum(step.emitted for step in self.steps)
+        return emitted / len(self.steps) if self.steps else 1.0
+
+
+class SpeculativeDecoder:
+    """Target graphs (step, verify, compact) over one KV cache, a drafter and a tree shape."""
+
+    def __init__(self, step: OnnxStepModel, verify: OnnxGraph, compact: OnnxGraph, drafter: Drafter,
+                 shape: TreeShape):  # fmt: skip
+        self.step, self.verify_graph, self.compact_graph = step, verify, compact
+        self.drafter, self.shape = drafter, shape
+        self.max_seq_len = step.max_seq_len
+
+    def _verify(self, root: int, tokens: list[int], parents: list[int], greedy: bool) -> np.ndarray:
+        cache = self.step.cache
+        inputs = {"tokens": np.asarray([[root, *tokens]], dtype=np.int64),
+                  "parents": np.asarray([0, *(p + 1 for p in parents)], dtype=np.int64),
+                  "prefix_len": np.asarray([cache.length], dtype=np.int64)}  # fmt: skip
+        if greedy:
+            return self.verify_graph.run(inputs, ("next_ids",))[0]
+        return self.verify_graph.run(inputs, ("logits",))[0][0]
+
+    def _compact(self, accepted: list[int]) -> None:
+        start = self.step.cache.length
+        moves = [(start + node, start + j) for j, node in enumerate(accepted, start=1) if node != j]
+        if moves:
+            sources, targets = (np.asarray(side, dtype=np.int64) for side in zip(*moves, strict=True))
+            self.compact_graph.run({"from_slots": sources, "to_slots": targets}, ())
+        self.step.cache.length = start + 1 + len(accepted)
+
+    def _one_step(self, context: list[int], sampling: SamplingConfig, rng) -> tuple[list[int], StepRecord]:
+        start = time.perf_counter()
+        room = self.max_seq_len - self.step.cache.length - 1
+        draft = self.drafter.propose(context, self.shape, sampling, rng)
+        keep = min(len(draft.tokens), max(room, 0))  # parents precede children: a prefix is a tree
+        tokens, parents = draft.tokens[:keep], draft.parents[:keep]
+        drafted_at = time.perf_counter()
+        root = context[-1]
+        if not tokens:
+            logits = self.step.forward([root], ("logits",))[0][-1]
+            new = [choose_token(logits, sampling, rng)]
+            accepted: list[int] = []
+        else:
+            full = [root, *tokens]
+            children = children_of([0, *(p + 1 for p in parents)])
+            target = self._verify(root, tokens, parents, greedy=not sampling.do_sample)
+            if sampling.do_sample:
+                probs = np.stack([sampling_probabilities(row, sampling) for row in target])
+                result = accept_sampling(full, children, probs, draft.child_probs[: keep + 1], rng)
+            else:
+                result = accept_greedy(full, children, target)
+            accepted = result.nodes
+            self._compact(accepted)
+            new = [full[node] for node in accepted] + [result.bonus]
+        record = StepRecord(len(tokens), len(accepted), len(new), drafted_at - start,
+                            time.perf_counter() - drafted_at)  # fmt: skip
+        return new, record
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
+                 eos_token_ids: Sequence[int] = (), seed: int | None = None,
+                 on_token: Callable[[int], None] | None = None) -> SpeculativeResult:  # fmt: skip
+        sampling = sampling or SamplingConfig()
+        prompt_ids = [int(t) for t in prompt_ids]
+        check_context(len(prompt_ids), max_new_tokens, self.max_seq_len)
+        rng, eos = np.random.default_rng(seed), set(eos_token_ids)
+        result = SpeculativeResult(prompt_ids=prompt_ids)
+        start = time.perf_counter()
+        new = [choose_token(self.step.prefill(prompt_ids), sampling, rng)]
+        result.prefill_seconds = time.perf_counter() - start
+        start, context = time.perf_counter(), list(prompt_ids)
+        while True:
+            for token in new:
+                result.token_ids.append(token)
+                context.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token in eos:
+                    result.stop_reason = "eos"
+                    result.decode_seconds = time.perf_counter() - start
+                    return result
+                if len(result.token_ids) == max_new_tokens:
+                    result.decode_seconds = time.perf_counter() - start
+                    return result
+            new, record = self._one_step(context, sampling, rng)
+            record.emitted = min(record.emitted, max_new_tokens - len(result.token_ids))
+            result.steps.append(record)
