@@ -63,7 +63,9 @@ class TreeVerifyModule(nn.Module):
         visible = (slots < prefix_len)[None, :].expand(steps, -1).float()  # cached prefix
         visible = visible.index_put((torch.arange(steps)[:, None], write_slots[None, :]), ancestors)
         dtype = caches[0].dtype
-        bias = ((1.0 - visible) * mask_value(dtype)).to(dtype)[None, None]  # [1, 1, T, S]
+        # where(), not (1 - visible) * min: min(float64) is -inf in float32, and 0 * -inf is NaN
+        zero = torch.zeros((), dtype=dtype)
+        bias = torch.where(visible > 0, zero, torch.full((), mask_value(dtype), dtype=dtype))[None, None]
         k_cache, v_cache = caches[: self.num_layers], caches[self.num_layers :]
         logits = self.model(tokens, positions, bias, k_cache, v_cache, write_slots)
         return (logits.argmax(-1)[0], logits, *caches)

@@ -42,6 +42,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         threads=args.threads,
         dump_ir=args.dump_ir,
         verify=args.verify,
+        draft=args.draft,
+        tree=args.tree,
     )
     print(compile_model(args.model, args.output, options))
     return 0
@@ -53,7 +55,7 @@ def _load_generator(model: str, args: argparse.Namespace):
 
     if is_artifact(model):
         start = time.perf_counter()
-        runtime = load(model, threads=args.threads or None)
+        runtime = load(model, threads=args.threads or None, speculative=not args.no_speculative)
         _log(f"loaded {runtime.description} in {time.perf_counter() - start:.1f} s (hashes checked)")
         return runtime
     import torch
@@ -95,13 +97,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chat=args.chat,
     )
     result = output.result
+    if args.stats is not None:
+        with open(args.stats, "w") as log:
+            for number, step in enumerate(getattr(result, "steps", []), start=1):
+                log.write(json.dumps({"step": number, **step.__dict__}) + "\n")
     if args.json:
         print(json.dumps({**output.to_json(), "engine": _engine(generator)}, ensure_ascii=False))
     else:
         print()
+        accepted = f"; {result.mean_accepted:.2f} tokens per target step" if hasattr(result, "steps") else ""
         _log(f"[{len(result.token_ids)} tokens, stopped at {result.stop_reason}; "
              f"decode {result.tokens_per_second:.1f} tok/s; prefill {result.prefill_seconds:.3f} s "
-             f"for {len(result.prompt_ids)} prompt tokens]")
+             f"for {len(result.prompt_ids)} prompt tokens{accepted}]")
     return 0
 
 
@@ -129,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--threads", type=int, default=0, help="default CPU threads of the artifact")
     comp.add_argument("--dump-ir", type=Path, default=None, help="write the IR after each pass here")
     comp.add_argument("--verify", action="store_true", help="run the IR verifier after each pass")
+    comp.add_argument("--draft", default=None,
+                      help="speculative decoding: prompt-lookup, or a draft model (same tokenizer)")
+    comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
     comp.set_defaults(run=cmd_compile)
 
     gen = commands.add_parser("generate", help="generate text from an artifact or a model")
@@ -143,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     gen.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    gen.add_argument("--stats", type=Path, default=None,
+                     help="write a per-step log (JSON lines: drafted, accepted, emitted, times)")
+    gen.add_argument("--no-speculative", action="store_true", help="decode a drafting artifact plainly")
     gen.set_defaults(run=cmd_generate)
     return parser
 

@@ -76,3 +76,37 @@ def test_compile_refuses_a_max_seq_len_beyond_the_context(tiny_artifact, tmp_pat
         capsys.readouterr().err
     )
     assert not (tmp_path / "a").exists()
+
+
+def test_speculative_compile_and_generate(tiny_artifact, tmp_path):
+    folder, _ = tiny_artifact
+    art = tmp_path / "spec"
+    out = run_cli("compile", str(folder), "-o", str(art), "--max-seq-len", "48", "--draft", "prompt-lookup",
+                  "--tree", "k-ary:2x2")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "InsertTreeVerify: modified" in out.stderr
+    args = ("--prompt", "t3 t4 t5 t3 t4 t5 t3 t4", "--max-new-tokens", "12", "--json")
+    spec = run_cli("generate", str(art), *args, "--stats", str(tmp_path / "steps.jsonl"))
+    plain = run_cli("generate", str(art), *args, "--no-speculative")
+    spec_record = json.loads(spec.stdout.splitlines()[-1])
+    assert spec_record["token_ids"] == json.loads(plain.stdout.splitlines()[-1])["token_ids"]
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert sum(s["emitted"] for s in steps) == 11
+    assert {"drafted", "accepted", "verify_seconds"} <= set(steps[0])
+    assert spec_record["mean_accepted"] == round(11 / len(steps), 4)
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tiny_artifact, tmp_path, capsys):
+    import transformers
+    from conftest import write_tiny_model, write_word_tokenizer
+
+    folder, _ = tiny_artifact
+    other = tmp_path / "other"
+    write_tiny_model(other, transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))  # fmt: skip
+    write_word_tokenizer(other, vocab_size=50)
+    assert main(["compile", str(folder), "-o", str(tmp_path / "a"), "--max-seq-len", "48",
+                 "--draft", str(other)]) == 2  # fmt: skip
+    assert "has a different tokenizer than the target (50 vs 97 tokens, or different ids)" in (
+        capsys.readouterr().err
+    )

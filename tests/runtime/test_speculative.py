@@ -1,0 +1,117 @@
+"""Speculative decoding on ORT artifacts is lossless: greedy output == autoregressive greedy output,
+for random tiny target/draft pairs, random trees of 1..32 nodes and random prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import transformers
+from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import skiptree
+from skiptree.runtime.drafters import PromptLookupDrafter
+from skiptree.runtime.speculative import SpeculativeDecoder
+from skiptree.runtime.tree import TreeShape, chain, k_ary
+
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair_artifact(tmp_path_factory):
+    """A float64 tiny target with a tiny draft model (other weights, same tokenizer), tree k-ary:2x2."""
+    root = tmp_path_factory.mktemp("spec")
+    for name, seed in (("target", 0), ("draft", 5)):
+        write_tiny_model(root / name, transformers.LlamaConfig(**TINY_LLAMA), seed=seed)
+        write_word_tokenizer(root / name)
+    art = skiptree.compile(root / "target", root / "artifact", max_seq_len=64, draft=str(root / "draft"),
+                           tree="k-ary:2x2", dtype="float64", max_tree=40)  # fmt: skip
+    return skiptree.load(art), skiptree.load(art, speculative=False)
+
+
+def trees():
+    """Random trees of 1..32 draft nodes: each node's parent is the root or an earlier node."""
+    return st.integers(1, 32).flatmap(
+        lambda n: st.tuples(*[st.integers(-1, i - 1) for i in range(n)]).map(
+            lambda parents: TreeShape(tuple(parents)))
+    )
+
+
+def prompts():
+    """Random prompts, half of them repetitive so that prompt lookup finds matches."""
+    words = st.lists(st.integers(0, 96), min_size=1, max_size=8)
+    return st.one_of(words, words.map(lambda w: w * 4))
+
+
+def with_shape(runtime, shape: TreeShape, drafter=None) -> SpeculativeDecoder:
+    spec = runtime.speculative
+    drafter = drafter or spec.drafter
+    return SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, drafter, shape)
+
+
+@SETTINGS
+@given(shape=trees(), prompt=prompts(), new=st.integers(1, 20))
+def test_draft_model_greedy_equals_autoregressive(pair_artifact, shape, prompt, new):
+    speculative, plain = pair_artifact
+    expected = plain.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids
+    got = with_shape(speculative, shape).generate(prompt, new).token_ids
+    assert got == expected
+
+
+@SETTINGS
+@given(shape=trees(), prompt=prompts(), new=st.integers(1, 20))
+def test_prompt_lookup_greedy_equals_autoregressive(pair_artifact, shape, prompt, new):
+    speculative, plain = pair_artifact
+    expected = plain.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids
+    got = with_shape(speculative, shape, PromptLookupDrafter()).generate(prompt, new).token_ids
+    assert got == expected
+
+
+def test_eos_is_exact(pair_artifact):
+    speculative, plain = pair_artifact
+    free = plain.generate([4, 5, 6] * 4, max_new_tokens=20, eos_token_id=[]).token_ids
+    eos = free[6]
+    expected = free[: free.index(eos) + 1]
+    for drafter in (None, PromptLookupDrafter()):
+        out = with_shape(speculative, k_ary(3, 3), drafter).generate([4, 5, 6] * 4, 20, eos_token_ids=[eos])
+        assert out.token_ids == expected and out.stop_reason == "eos"
+
+
+def test_kv_compaction_leaves_the_autoregressive_cache(pair_artifact):
+    speculative, plain = pair_artifact
+    prompt = [7, 8, 9, 10] * 3
+    plain.generate(prompt, max_new_tokens=16, eos_token_id=[])
+    out = with_shape(speculative, k_ary(2, 3), PromptLookupDrafter()).generate(prompt, 16)
+    assert any(step.accepted > 0 for step in out.steps)  # compaction actually ran
+    # Both caches hold prompt + emitted tokens (speculation may hold a few accepted ones more).
+    filled = plain.step_model.cache.length
+    assert speculative.step_model.cache.length >= filled == len(prompt) + 15
+    np.testing.assert_allclose(speculative.step_model.cache.k[:, :, :, :filled],
+                               plain.step_model.cache.k[:, :, :, :filled], atol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(speculative.step_model.cache.v[:, :, :, :filled],
+                               plain.step_model.cache.v[:, :, :, :filled], atol=1e-9)  # fmt: skip
+
+
+def test_no_match_means_a_plain_step(pair_artifact):
+    speculative, _ = pair_artifact
+    out = with_shape(speculative, chain(4), PromptLookupDrafter()).generate([1, 2, 3, 4, 5], 3)
+    first = out.steps[0]
+    assert first.drafted == 0 and first.emitted == 1
+
+
+def test_mean_accepted_is_reported(pair_artifact):
+    speculative, _ = pair_artifact
+    out = speculative.generate([3, 4, 5] * 5, max_new_tokens=24, eos_token_id=[])
+    assert out.to_json()["mean_accepted"] >= 1.0
+    emitted = sum(step.emitted for step in out.result.steps)
+    assert emitted == len(out.token_ids) - 1  # the first token comes from the prefill
+
+
+def test_sampled_speculative_decoding_is_seeded(pair_artifact):
+    speculative, _ = pair_artifact
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=1.2, top_k=0, eos_token_id=[])
+    one = speculative.generate([2, 3], seed=1, **kwargs).token_ids
+    assert one == speculative.generate([2, 3], seed=1, **kwargs).token_ids
+    assert one != speculative.generate([2, 3], seed=2, **kwargs).token_ids
