@@ -49,6 +49,27 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tree(args: argparse.Namespace) -> int:
+    from skiptree.compiler.tree_dp import solve_tree
+    from skiptree.runtime.tree import TreeSpecError
+
+    try:
+        acceptance = [float(x) for x in args.accept.split(",")]
+        solution = solve_tree(acceptance, args.budget, args.max_depth)
+    except ValueError as exc:
+        raise TreeSpecError(f"--accept {args.accept} --budget {args.budget} --max-depth {args.max_depth} "
+                            f"is not a valid tree problem ({exc})",
+                            "give comma-separated probabilities summing to <= 1 and non-negative sizes"
+                            ) from exc  # fmt: skip
+    if args.output:
+        args.output.write_text(json.dumps(solution.to_json()) + "\n")
+    if not args.json:
+        _log(f"expected tokens per step {solution.expected_tokens:.4f} with {len(solution.parents)} "
+             f"draft nodes, depth {solution.depth}")
+    print(json.dumps(solution.to_json()))
+    return 0
+
+
 def _load_generator(model: str, args: argparse.Namespace):
     """What generates for MODEL: a compiled artifact, else the eager reference of a model source."""
     from skiptree.runtime.artifact import is_artifact, load
@@ -140,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="speculative decoding: prompt-lookup, or a draft model (same tokenizer)")
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
     comp.set_defaults(run=cmd_compile)
+
+    tree = commands.add_parser("tree", help="the best draft tree for an acceptance vector (Sequoia DP)")
+    tree.add_argument("--accept", required=True, help="p_1,p_2,...: acceptance by draft rank")
+    tree.add_argument("--budget", type=int, required=True, help="draft nodes (root excluded)")
+    tree.add_argument("--max-depth", type=int, default=8)
+    tree.add_argument("--json", action="store_true", help="print only the JSON object")
+    tree.add_argument("-o", "--output", type=Path, default=None, help="also write it as a tree file")
+    tree.set_defaults(run=cmd_tree)
 
     gen = commands.add_parser("generate", help="generate text from an artifact or a model")
     gen.add_argument("model", help="artifact folder, zoo name (fetched on first use), HF model folder, "

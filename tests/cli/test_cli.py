@@ -110,3 +110,12 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny_artifact, tmp_path, caps
     assert "has a different tokenizer than the target (50 vs 97 tokens, or different ids)" in (
         capsys.readouterr().err
     )
+
+
+def test_tree_command_prints_the_solution_last(tmp_path):
+    out = run_cli("tree", "--accept", "0.6,0.1,0.05", "--budget", "16", "--max-depth", "8", "--json",
+                  "-o", str(tmp_path / "tree.json"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(record) == {"expected_tokens", "parents", "depth"} and len(record["parents"]) == 16
+    assert json.loads((tmp_path / "tree.json").read_text()) == record  # usable as --tree FILE
