@@ -34,6 +34,7 @@ class StepRecord:
     emitted: int  # tokens emitted by this step (accepted + bonus, cut at EOS / max_new_tokens)
     draft_seconds: float
     verify_seconds: float
+    first_rank: int | None = None  # rank among the root's children of the first accepted draft
 
 
 @dataclass
@@ -85,6 +86,7 @@ class SpeculativeDecoder:
             logits = self.step.forward([root], ("logits",))[0][-1]
             new = [choose_token(logits, sampling, rng)]
             accepted: list[int] = []
+            children: list[list[int]] = [[]]
         else:
             full = [root, *tokens]
             children = children_of([0, *(p + 1 for p in parents)])
@@ -97,8 +99,9 @@ class SpeculativeDecoder:
             accepted = result.nodes
             self._compact(accepted)
             new = [full[node] for node in accepted] + [result.bonus]
+        first_rank = children[0].index(accepted[0]) if accepted else None
         record = StepRecord(len(tokens), len(accepted), len(new), drafted_at - start,
-                            time.perf_counter() - drafted_at)  # fmt: skip
+                            time.perf_counter() - drafted_at, first_rank)  # fmt: skip
         return new, record
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,

@@ -34,6 +34,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from skiptree.compiler.compile import compile_model
     from skiptree.compiler.options import CompileOptions
+    from skiptree.compiler.tune import tuned_options
 
     options = CompileOptions(
         backend=args.backend,
@@ -45,7 +46,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
         draft=args.draft,
         tree=args.tree,
     )
+    if args.tuned is not None:
+        options = tuned_options(args.tuned, options)
     print(compile_model(args.model, args.output, options))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from skiptree.compiler.tune import tune
+
+    prompts = None
+    if args.prompts:
+        prompts = [line for line in args.prompts.read_text().split("\n\n") if line.strip()]
+    choice = tune(args.model, args.session, draft=args.draft, prompts=prompts, max_seq_len=args.max_seq_len,
+                  threads=args.threads, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    print(json.dumps({k: choice[k] for k in ("mode", "predicted_speedup", "measured_speedup", "parents")}))
     return 0
 
 
@@ -160,7 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--draft", default=None,
                       help="speculative decoding: prompt-lookup, or a draft model (same tokenizer)")
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
+    comp.add_argument("--tuned", type=Path, default=None,
+                      help="use a finished tuning session's choice (drafter and tree, or plain)")
     comp.set_defaults(run=cmd_compile)
+
+    tune = commands.add_parser("tune", help="measure this machine and choose the draft tree (resumable)")
+    tune.add_argument("model", help="zoo name, HF model folder, or .gguf file")
+    tune.add_argument("--session", type=Path, required=True, help="session folder (created or resumed)")
+    tune.add_argument("--draft", default="prompt-lookup", help="prompt-lookup or a draft model")
+    tune.add_argument("--prompts", type=Path, default=None,
+                      help="calibration prompts, separated by blank lines (default: built-in set)")
+    tune.add_argument("--max-seq-len", type=int, default=512)
+    tune.add_argument("--max-new-tokens", type=int, default=64)
+    tune.add_argument("--threads", type=int, default=1)
+    tune.set_defaults(run=cmd_tune)
 
     tree = commands.add_parser("tree", help="the best draft tree for an acceptance vector (Sequoia DP)")
     tree.add_argument("--accept", required=True, help="p_1,p_2,...: acceptance by draft rank")

@@ -1,0 +1,108 @@
+"""`skiptree tune`: an autotuning session for one target and drafter on this machine.
+
+Phases (each measurement persisted as taken; a rerun resumes where a killed one stopped):
+compile the drafting artifact into the session -> plain step cost -> verify cost T(n) on a grid
+-> acceptance of the drafter -> choose the tree (or plain) -> measure the chosen tree's real
+speed-up -> write choice.json. `skiptree compile TARGET --tuned DIR` then builds the choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+
+from skiptree.compiler.compile import compile_model
+from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.session import TuneSession, read_choice
+from skiptree.compiler.tuner import (
+    CALIBRATION_PROMPTS,
+    VERIFY_SIZES,
+    choose_tree,
+    measure_acceptance,
+    measure_decode_ms,
+    measure_speedup,
+    measure_verify_ms,
+)
+from skiptree.runtime.artifact import Runtime, is_artifact
+from skiptree.runtime.device import device_description, device_fingerprint
+
+
+def this_device() -> tuple[dict[str, Any], str]:
+    device = device_description("onnxruntime", onnxruntime.__version__)
+    return device, device_fingerprint(device)
+
+
+def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: Sequence[str] | None = None,
+         max_seq_len: int = 512, prefix: int = 256, width: int = 4, max_new_tokens: int = 64,
+         threads: int = 1, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+         ) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) a tuning session; returns the choice it wrote."""
+    session_dir = Path(session_dir)
+    prompts = list(prompts or CALIBRATION_PROMPTS)
+    prefix = min(prefix, max_seq_len // 2)  # room for the largest verify tree after the prefix
+    device, fingerprint = this_device()
+    session = TuneSession.open(session_dir, fingerprint)
+    log(f"session {session_dir}: {len(session.records)} measurements already taken on this device")
+    artifact = session_dir / "artifact"
+    if not is_artifact(artifact):
+        log("compiling the drafting artifact into the session")
+        compile_model(target, artifact, CompileOptions(max_seq_len=max_seq_len, draft=draft,
+                                                       tree="chain:1", check=False), log=log)  # fmt: skip
+    runtime = Runtime(artifact, threads=threads)
+
+    def measured(kind: str, key: str, take: Callable[[], Any]) -> Any:
+        value = session.get(kind, key)
+        if value is None:
+            log(f"  measuring {kind} {key}")
+            value = take()
+            session.put(kind, key, value)
+        return value
+
+    decode_ms = measured("decode_ms", f"prefix={prefix}", lambda: measure_decode_ms(runtime, prefix))
+    verify_ms = {n: measured("verify_ms", f"n={n},prefix={prefix}",
+                             lambda n=n: measure_verify_ms(runtime, n, prefix))
+                 for n in VERIFY_SIZES if n + 1 + prefix < max_seq_len}  # fmt: skip
+    prompt_key = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:12]
+    acceptance = measured("acceptance", f"drafter={draft},width={width},prompts={prompt_key}",
+                          lambda: measure_acceptance(runtime, prompts, width, max_new_tokens))  # fmt: skip
+    choice = choose_tree(acceptance, verify_ms, decode_ms)
+    costs = {n: round(v, 1) for n, v in verify_ms.items()}
+    log(f"plain step {decode_ms:.1f} ms; verify ms by draft nodes {json.dumps(costs)}")
+    log(f"acceptance by rank {[round(p, 3) for p in acceptance['acceptance']]}, hit rate "
+        f"{acceptance['hit_rate']:.2f}")
+    if choice["mode"] == "plain":
+        log("no draft tree is predicted to beat plain decoding here: plain decoding chosen")
+        measured_speedup = 1.0
+    else:
+        log(f"chosen: {choice['nodes']} nodes, depth {choice['depth']}, expected tokens/step "
+            f"{choice['expected_tokens']:.2f}, predicted speed-up {choice['predicted_speedup']:.2f}x")
+        measured_speedup = measured(
+            "measured_speedup", json.dumps(choice["parents"]),
+            lambda: measure_speedup(runtime, choice["parents"], prompts, max_new_tokens))  # fmt: skip
+        error = abs(measured_speedup - choice["predicted_speedup"]) / measured_speedup
+        log(f"measured speed-up {measured_speedup:.2f}x (predicted {choice['predicted_speedup']:.2f}x, "
+            f"{100 * error:.0f}% apart)")
+    record = {"target": str(target), "draft": draft, "device": device, "max_seq_len": max_seq_len,
+              "decode_ms": decode_ms, "verify_ms": verify_ms, "acceptance": acceptance,
+              **{k: v for k, v in choice.items() if k != "candidates"},
+              "measured_speedup": measured_speedup}  # fmt: skip
+    session.write_choice(record)
+    return record
+
+
+def tuned_options(session_dir: Path, options: CompileOptions) -> CompileOptions:
+    """The compile options a finished session chose (refused if tuned on another device)."""
+    _, fingerprint = this_device()
+    choice = read_choice(session_dir, fingerprint)
+    if choice["mode"] == "plain":
+        return CompileOptions(**{**options.__dict__, "draft": None})
+    tree_file = Path(session_dir) / "tree.json"
+    tree_file.write_text(json.dumps({"parents": choice["parents"]}) + "\n")
+    return CompileOptions(**{**options.__dict__, "draft": choice["draft"], "tree": str(tree_file),
+                             "max_seq_len": options.max_seq_len or choice["max_seq_len"]})  # fmt: skip

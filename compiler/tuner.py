@@ -1,0 +1,132 @@
+"""The hardware-aware tuner: measure, then shape the draft tree with Sequoia's DP, or choose plain.
+
+Measured on the real backend and device (each value persisted in the session as it is taken):
+  decode_ms      a plain one-token step at a `prefix`-token context
+  verify_ms[n]   the verify graph on a tree of n draft nodes (n + 1 tokens) at the same context
+  acceptance     p_r: how often the drafter's r-th child of the root is the accepted one, from
+                 width-W depth-1 trees while decoding calibration prompts greedily; with the hit
+                 rate h (steps where the drafter proposed anything) and the draft time per node
+Predicted speed-up of a tree of n nodes and depth d, G = solve_tree(p, n, d).expected_tokens:
+  tokens/step  h G + (1 - h)
+  ms/step      h (verify_ms[n] + draft) + (1 - h) decode_ms
+  speed-up     (tokens/step / ms/step) * decode_ms
+The best (n, d) wins if its predicted speed-up exceeds 1, else plain decoding is chosen.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from skiptree.compiler.tree_dp import solve_tree
+from skiptree.runtime.artifact import Runtime
+from skiptree.runtime.generation import generate_tokens
+from skiptree.runtime.speculative import SpeculativeDecoder
+from skiptree.runtime.tree import TreeShape, chain, k_ary
+
+CALIBRATION_PROMPTS = (
+    "Explain what a hash table is and when to use one.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Add type hints to this function:\ndef area(width, height):\n    return width * height\n",
+    "Summarise in one sentence: The committee met on Tuesday and agreed to move the annual "
+    "meeting to March, because the venue in February was unavailable.",
+    "Fix the bug in this code:\nfor i in range(10)\n    print(i)\n",
+    "List three differences between lists and tuples in Python.",
+)
+VERIFY_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def _median_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _context(runtime: Runtime, prefix: int) -> list[int]:
+    """A `prefix`-token context of ordinary ids (the values do not change the cost)."""
+    vocab = runtime.manifest["model"]["config"]["vocab_size"]
+    return [(7 * i) % vocab for i in range(prefix)]
+
+
+def measure_decode_ms(runtime: Runtime, prefix: int, repeats: int = 7) -> float:
+    step = runtime.step_model
+    step.prefill(_context(runtime, prefix))
+
+    def one_step() -> None:
+        step.cache.length = prefix
+        step.forward([5], ("next_ids",))
+
+    return _median_ms(one_step, repeats)
+
+
+def measure_verify_ms(runtime: Runtime, nodes: int, prefix: int, repeats: int = 7) -> float:
+    spec = runtime.speculative
+    runtime.step_model.prefill(_context(runtime, prefix))
+    tokens, parents = [5] * nodes, list(chain(nodes).parents)
+    return _median_ms(lambda: spec._verify(5, tokens, parents, greedy=True), repeats)
+
+
+def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: int) -> dict[str, Any]:
+    spec = runtime.speculative
+    decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter,
+                                 k_ary(width, 1))  # fmt: skip
+    ranks, steps, hits, draft_seconds, drafted = [0] * width, 0, 0, 0.0, 0
+    for prompt in prompts:
+        ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
+        result = decoder.generate(ids, max_new_tokens, eos_token_ids=runtime.eos_token_ids)
+        for step in result.steps:
+            steps += 1
+            draft_seconds += step.draft_seconds
+            drafted += step.drafted
+            hits += step.drafted > 0
+            if step.first_rank is not None:
+                ranks[step.first_rank] += 1
+    return {"acceptance": [r / max(hits, 1) for r in ranks], "hit_rate": hits / max(steps, 1),
+            "draft_ms_per_node": 1000 * draft_seconds / max(drafted, 1), "steps": steps}  # fmt: skip
+
+
+def choose_tree(acceptance: dict[str, Any], verify_ms: dict[int, float], decode_ms: float,
+                max_depth: int = 8) -> dict[str, Any]:  # fmt: skip
+    """The (n, d) with the best predicted speed-up, or plain decoding when none beats 1.0."""
+    p, hit = acceptance["acceptance"], acceptance["hit_rate"]
+    best: dict[str, Any] = {"mode": "plain", "predicted_speedup": 1.0, "parents": []}
+    candidates = []
+    for nodes, cost in sorted(verify_ms.items()):
+        for depth in range(1, min(max_depth, nodes) + 1):
+            tree = solve_tree(p, nodes, depth)
+            draft = acceptance["draft_ms_per_node"] * len(tree.parents)
+            tokens = hit * tree.expected_tokens + (1 - hit)
+            ms = hit * (cost + draft) + (1 - hit) * decode_ms
+            speedup = tokens / ms * decode_ms
+            candidates.append({"nodes": nodes, "depth": depth, "expected_tokens": tree.expected_tokens,
+                               "predicted_speedup": speedup})  # fmt: skip
+            if speedup > best["predicted_speedup"]:
+                best = {"mode": "speculative", "predicted_speedup": speedup,
+                        "parents": list(tree.parents), "expected_tokens": tree.expected_tokens,
+                        "nodes": nodes, "depth": tree.depth}  # fmt: skip
+    return {**best, "candidates": candidates}
+
+
+def measure_speedup(runtime: Runtime, parents: list[int], prompts, max_new_tokens: int) -> float:
+    """Measured decode speed-up of the tree over plain decoding on the prompts (median ratio)."""
+    spec = runtime.speculative
+    decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter,
+                                 TreeShape(tuple(parents)))  # fmt: skip
+    ratios = []
+    for prompt in prompts:
+        ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
+        plain = runtime.step_model
+        start = time.perf_counter()
+        base = generate_tokens(plain, ids, max_new_tokens, eos_token_ids=runtime.eos_token_ids)
+        base_time = time.perf_counter() - start
+        start = time.perf_counter()
+        fast = decoder.generate(ids, max_new_tokens, eos_token_ids=runtime.eos_token_ids)
+        fast_time = time.perf_counter() - start
+        ratios.append((len(fast.token_ids) / fast_time) / (len(base.token_ids) / base_time))
+    return float(np.median(ratios))

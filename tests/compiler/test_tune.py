@@ -1,0 +1,70 @@
+"""Tuning sessions: persisted, resumable after a kill, refused on other hardware; the choice
+falls back to plain decoding when no tree is predicted to pay."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.session import MEASUREMENTS, SessionError, TuneSession, read_choice
+from skiptree.compiler.tune import this_device, tune, tuned_options
+from skiptree.compiler.tuner import choose_tree
+
+
+def test_choice_is_plain_when_verification_costs_too_much():
+    acceptance = {"acceptance": [0.2, 0.05], "hit_rate": 0.3, "draft_ms_per_node": 0.5}
+    verify_ms = {1: 48.0, 2: 52.0, 4: 60.0, 8: 90.0}  # a one-token step costs 35 ms
+    choice = choose_tree(acceptance, verify_ms, decode_ms=35.0)
+    assert choice["mode"] == "plain" and choice["predicted_speedup"] == 1.0
+    assert all(c["predicted_speedup"] < 1.0 for c in choice["candidates"])
+
+
+def test_choice_follows_the_measured_costs():
+    acceptance = {"acceptance": [0.7, 0.1], "hit_rate": 1.0, "draft_ms_per_node": 0.0}
+    flat = choose_tree(acceptance, {1: 10.0, 4: 10.5, 16: 11.0}, decode_ms=10.0)  # GPU-like T(n)
+    steep = choose_tree(acceptance, {1: 10.0, 4: 16.0, 16: 40.0}, decode_ms=10.0)  # CPU-like T(n)
+    assert flat["nodes"] == 16 and steep["nodes"] < 16
+    assert flat["predicted_speedup"] > steep["predicted_speedup"] > 1.0
+
+
+def test_session_survives_a_torn_line_and_ignores_other_devices(tmp_path):
+    session = TuneSession.open(tmp_path, "device-a")
+    session.put("verify_ms", "n=1", 3.5)
+    TuneSession.open(tmp_path, "device-b").put("verify_ms", "n=1", 99.0)
+    with open(tmp_path / MEASUREMENTS, "a") as handle:
+        handle.write('{"fingerprint": "device-a", "kind": "verify_ms", "key": "n=2", "val')  # killed
+    again = TuneSession.open(tmp_path, "device-a")
+    assert again.get("verify_ms", "n=1") == 3.5 and again.get("verify_ms", "n=2") is None
+
+
+def test_tune_resumes_and_compile_uses_its_choice(tiny_artifact, tmp_path):
+    folder, _ = tiny_artifact
+    session_dir = tmp_path / "session"
+    messages: list[str] = []
+    first = tune(str(folder), session_dir, max_seq_len=64, max_new_tokens=12, log=messages.append)
+    taken = len((session_dir / MEASUREMENTS).read_text().splitlines())
+    assert taken >= 7  # decode, verify grid, acceptance (+ measured speed-up)
+    assert first["mode"] in ("plain", "speculative") and "predicted_speedup" in first
+    messages.clear()
+    second = tune(str(folder), session_dir, max_seq_len=64, max_new_tokens=12, log=messages.append)
+    assert not any(m.startswith("  measuring") for m in messages)  # everything reused
+    assert len((session_dir / MEASUREMENTS).read_text().splitlines()) == taken
+    assert second["parents"] == first["parents"]
+    options = tuned_options(session_dir, CompileOptions())
+    assert options.draft == (None if first["mode"] == "plain" else "prompt-lookup")
+
+
+def test_a_session_from_another_machine_is_refused(tmp_path):
+    _, fingerprint = this_device()
+    (tmp_path / "choice.json").write_text(json.dumps({"fingerprint": "0123456789abcdef",
+                                                     "device": {"cpu": "Other CPU"}}))  # fmt: skip
+    with pytest.raises(SessionError, match=re.escape(
+        f"session {tmp_path} was tuned for device 0123456789abcdef (Other CPU), this machine is "
+        f"{fingerprint}; run skiptree tune on this machine"
+    )):  # fmt: skip
+        read_choice(tmp_path, fingerprint)
+    with pytest.raises(SessionError, match="holds no finished tuning session"):
+        read_choice(tmp_path / "empty", fingerprint)
