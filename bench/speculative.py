@@ -92,30 +92,26 @@ PROMPT_SETS = {  # name -> (chat-formatted, prompts)
         "pigment chlorophyll absorbs light, and it supplies most of the oxygen in Earth's atmosphere."]),
 }  # fmt: skip
 PROFILE_KEYS = ("steps", "decode_s", "draft_s", "verify_s", "ort_verify_s", "ort_step_s", "ort_compact_s",
-                "drafted_steps", "drafted_nodes", "emitted")  # fmt: skip
+                "drafted_steps", "drafted_nodes", "accepted", "emitted")  # fmt: skip
 
 
 class Timed:
-    """A graph (`run`) or step model (`forward`) that adds its call times to `clock[key]`."""
+    """A graph or step model whose `run` / `forward` calls add their time to `clock[key]`."""
 
     def __init__(self, inner, clock: dict, key: str):
         self.inner, self.clock, self.key = inner, clock, key
 
     def __getattr__(self, name):
-        return getattr(self.inner, name)
+        method = getattr(self.inner, name)
 
-    def _timed(self, method, *args):
-        start = time.perf_counter()
-        try:
-            return method(*args)
-        finally:
-            self.clock[self.key] += time.perf_counter() - start
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                self.clock[self.key] += time.perf_counter() - start
 
-    def run(self, *args):
-        return self._timed(self.inner.run, *args)
-
-    def forward(self, *args):
-        return self._timed(self.inner.forward, *args)
+        return timed if name in ("run", "forward") else method
 
 
 class ArEngine:
@@ -146,36 +142,30 @@ class SpecEngine:
                           emitted=sum(s.emitted for s in steps), draft_s=sum(s.draft_seconds for s in steps),
                           verify_s=sum(s.verify_seconds for s in steps),
                           drafted_steps=sum(s.drafted > 0 for s in steps),
-                          drafted_nodes=sum(s.drafted for s in steps))  # fmt: skip
+                          drafted_nodes=sum(s.drafted for s in steps),
+                          accepted=sum(s.accepted for s in steps))  # fmt: skip
         return {"tokens": out.token_ids, "tps": out.tokens_per_second, "per_step": out.mean_accepted,
                 "profile": dict(self.clock)}  # fmt: skip
 
 
-class PerToken:
-    """A streamer that forwards the prompt once, then each new token separately (one timestamp each),
-    and counts the target steps (puts after the prompt)."""
-
-    def __init__(self, inner):
-        self.inner, self.puts = inner, -1
-
-    def put(self, value) -> None:
-        self.puts += 1
-        for _ in range(1 if self.puts == 0 else value.numel()):
-            self.inner.put(value)
-
-    def end(self) -> None:
-        self.inner.end()
-
-
 class LookupModel:
-    """A transformers model whose `generate` adds `prompt_lookup_num_tokens` (and a `PerToken` streamer)."""
+    """A transformers model whose `generate` adds `prompt_lookup_num_tokens=k` and passes each token of
+    a target step to the caller's streamer separately (one timestamp each); `steps` counts the steps."""
 
     def __init__(self, model, k: int):
-        self.model, self.k, self.streamer = model, k, None
+        self.model, self.k, self.streamer, self.steps = model, k, None, 0
 
     def generate(self, *args, streamer, **kwargs):
-        self.streamer = PerToken(streamer)
-        return self.model.generate(*args, streamer=self.streamer, prompt_lookup_num_tokens=self.k, **kwargs)
+        self.streamer, self.steps = streamer, -1  # the first put is the prompt
+        return self.model.generate(*args, streamer=self, prompt_lookup_num_tokens=self.k, **kwargs)
+
+    def put(self, value) -> None:
+        self.steps += 1
+        for _ in range(1 if self.steps == 0 else value.numel()):
+            self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 class HfEngine:
@@ -189,8 +179,9 @@ class HfEngine:
 
     def run(self, ids: list[int], max_new_tokens: int) -> dict:
         tokens, tps = self.engine.run(ids, max_new_tokens)
-        streamer = getattr(self.engine.model, "streamer", None)
-        return {"tokens": tokens, "tps": tps, "per_step": len(tokens) / streamer.puts if streamer else 1.0}
+        model = self.engine.model
+        return {"tokens": tokens, "tps": tps,
+                "per_step": len(tokens) / model.steps if isinstance(model, LookupModel) else 1.0}
 
 
 def measure(engines: list, prompt_sets: dict, max_new_tokens: int, rounds: int) -> dict:
@@ -235,6 +226,10 @@ def summarise(runs: list[dict], base: list[dict]) -> dict:
         record["profile_ms_per_step"] = {k: round(v, 2) for k, v in record["profile_ms_per_step"].items()}
         drafted = max(total["drafted_steps"], 1)
         record["mean_draft_nodes_when_drafted"] = round(total["drafted_nodes"] / drafted, 2)
+        record["mean_accepted_when_drafted"] = round(total["accepted"] / drafted, 2)
+        plain = max(total["steps"] - total["drafted_steps"], 1)
+        record["ms_per_verify_call"] = round(1000 * total["ort_verify_s"] / drafted, 2)
+        record["ms_per_plain_step_call"] = round(1000 * total["ort_step_s"] / plain, 2)
     return record
 
 
@@ -295,8 +290,9 @@ def write_markdown(record: dict) -> str:
                      + " | ".join(f"{p['profile_ms_per_step'][key]:.2f}" for p in profiles) + " |")
     ar = [1000 / engines[AR]["tokens_per_second_median"] for engines in record["sets"].values()]
     lines += ["| AR ms per token (for comparison) | " + " | ".join(f"{v:.2f}" for v in ar) + " |",
-              "| mean draft nodes when drafted | "
-              + " | ".join(str(p["mean_draft_nodes_when_drafted"]) for p in profiles) + " |", "",
+              *(f"| {key.replace('_', ' ')} | " + " | ".join(str(p[key]) for p in profiles) + " |"
+                for key in ("lookup_hit_rate", "mean_draft_nodes_when_drafted", "mean_accepted_when_drafted",
+                            "ms_per_verify_call", "ms_per_plain_step_call")), "",
               f"## Verify cost T(n) at a {record['verify_prefix']}-token prefix (chain of n draft nodes "
               "+ the root; median ms)", "", "| graph | ms | vs plain step |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {name} | {v['ms']:.2f} | {v['vs_plain_step']:.2f} |"

@@ -31,10 +31,11 @@ from skiptree.models.gguf_convert import atomic_folder
 from skiptree.models.loader import load_model, weight_files
 from skiptree.models.reference import ReferenceStepper
 from skiptree.models.source import resolve_model_dir
+from skiptree.runtime.artifact import step_model_of
 from skiptree.runtime.device import device_description, device_fingerprint
 from skiptree.runtime.generator import read_eos_token_ids
 from skiptree.runtime.manifest import MANIFEST, file_sha256, write_manifest
-from skiptree.runtime.onnx_step import OnnxStepModel, SessionConfig
+from skiptree.runtime.onnx_step import SessionConfig
 from skiptree.runtime.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -50,10 +51,11 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def check_against_eager(ir: ModelIR, onnx_path: Path, signature: dict[str, Any]) -> dict[str, Any]:
+def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[str, Any], max_tree: int) -> dict[str, Any]:
     """Prefill + decode a few tokens on both the lowered graph and eager torch; compare."""
     stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
-    lowered = OnnxStepModel(onnx_path, signature, SessionConfig(threads=0))
+    lowered = step_model_of(folder, {"graphs": graphs, "speculative": {"max_tree": max_tree}},
+                            SessionConfig(threads=0))  # fmt: skip
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
     steps = min(CHECK_TOKENS, ir.max_seq_len - CHECK_TOKENS)
     expected = [stepper.prefill(prompt)]
@@ -107,11 +109,12 @@ def compile_model(
     with atomic_folder(out_dir, replace=True) as building:  # an older artifact is replaced
         phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
         files = lower_to_onnx(ir, building)
-        signatures = {name: step.signature_json() for name, step in ir.graphs.items()}
+        signatures = {name: ir.graphs[name].signature_json() for name in files}
         check = None
         if options.check:
             phase("checking the lowered graph against eager torch")
-            check = check_against_eager(ir, building / files["step"], signatures["step"])
+            graphs = {name: {"file": files[name], "signature": signatures[name]} for name in files}
+            check = check_against_eager(ir, building, graphs, options.max_tree)
             log(f"         max |logit error| {check['max_abs_logit_error']:.2e}, "
                 f"argmax agreement {check['argmax_agreement']:.2f} over {check['steps']} steps")
         speculative = None

@@ -51,9 +51,15 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
 
 
 def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, str]:
-    """Export every step graph of the IR into `folder`; returns graph name -> file name."""
+    """Export the IR's graphs into `folder`; returns graph name -> file name.
+
+    With a verify graph the step graph is not exported: a chain tree is a causal step, so the
+    verify graph serves both, and the artifact (and memory) holds the weights once.
+    """
     files = {}
     for name, step in ir.graphs.items():
+        if name == "step" and "verify" in ir.graphs:
+            continue
         export_onnx(step, Path(folder) / f"{name}.onnx")
         files[name] = f"{name}.onnx"
     return files

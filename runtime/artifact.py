@@ -11,7 +11,7 @@ from skiptree.runtime.drafters import Drafter, DraftModelDrafter, PromptLookupDr
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
-from skiptree.runtime.onnx_step import KVCache, OnnxGraph, OnnxStepModel, SessionConfig
+from skiptree.runtime.onnx_step import KVCache, OnnxGraph, OnnxStepModel, SessionConfig, VerifyStepModel
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tokenizer import Tokenizer
@@ -36,15 +36,15 @@ class Runtime(TextGenerator):
             threads=backend.get("threads", 0) if threads is None else threads,
             optimization_level=backend.get("optimization_level", "extended"),
         )
-        graphs = self.manifest["graphs"]
-        self.step_model = OnnxStepModel(self.folder / graphs["step"]["file"], graphs["step"]["signature"],
-                                        self.session_config)  # fmt: skip
+        self.step_model = step_model_of(self.folder, self.manifest, self.session_config)
         self.tokenizer = Tokenizer.from_folder(self.folder / self.manifest["tokenizer"]["folder"])
         self.eos_token_ids = list(self.manifest["tokenizer"]["eos_token_ids"])
         spec = self.manifest.get("speculative")
         self.speculative = self._speculative_decoder(spec) if spec and speculative else None
 
     def _graph(self, name: str) -> OnnxGraph:
+        if name == "verify" and isinstance(self.step_model, VerifyStepModel):
+            return self.step_model.graph  # one session (one copy of the weights) serves both
         return OnnxGraph(self.folder / self.manifest["graphs"][name]["file"], self.step_model.cache,
                          self.session_config)  # fmt: skip
 
@@ -73,6 +73,16 @@ class Runtime(TextGenerator):
         backend, spec = self.manifest["backend"], self.manifest.get("speculative")
         mode = f", speculative: {spec['drafter']} {spec['tree']['spec']}" if self.speculative else ""
         return f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}{mode}"
+
+
+def step_model_of(folder: Path, manifest: dict[str, Any], config: SessionConfig):
+    """The artifact's step model: its "step" graph, or its verify graph when it has no step graph."""
+    graphs = manifest["graphs"]
+    if "step" in graphs:
+        return OnnxStepModel(folder / graphs["step"]["file"], graphs["step"]["signature"], config)
+    verify = graphs["verify"]
+    graph = OnnxGraph(folder / verify["file"], KVCache(verify["signature"]), config)
+    return VerifyStepModel(graph, manifest["speculative"]["max_tree"])
 
 
 def is_artifact(path: Path) -> bool:

@@ -139,3 +139,41 @@ class OnnxStepModel:
 
     def decode(self, token_id: int) -> np.ndarray:
         return self.forward([token_id], ("logits",))[0][-1]
+
+
+class VerifyStepModel:
+    """The "step" of a speculative artifact, run through its verify graph, which subsumes it: a
+    chain tree is a causal step. One graph then holds the weights once (two graphs would load two
+    copies). Prefill goes in chunks of at most `max_tree` tokens, the verify graph's largest tree."""
+
+    def __init__(self, graph: OnnxGraph, max_tree: int):
+        self.graph, self.cache, self.max_tree = graph, graph.cache, max_tree
+        self.max_seq_len = self.cache.max_seq_len
+
+    @property
+    def k_cache(self) -> np.ndarray:
+        return self.cache.k
+
+    def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
+        """Append tokens (causally); returns the requested outputs for them: logits [T, V], ids [T]."""
+        if self.cache.length + len(token_ids) > self.max_seq_len:
+            total = self.cache.length + len(token_ids)
+            raise ValueError(f"{total} tokens overflow the cache of {self.max_seq_len}")
+        pieces: list[list[np.ndarray]] = []
+        for start in range(0, len(token_ids), self.max_tree):
+            chunk = token_ids[start : start + self.max_tree]
+            inputs = {"tokens": np.asarray([chunk], dtype=np.int64),
+                      "parents": np.maximum(np.arange(len(chunk), dtype=np.int64) - 1, 0),
+                      "prefix_len": np.asarray([self.cache.length], dtype=np.int64)}  # fmt: skip
+            values = self.graph.run(inputs, outputs)
+            named = zip(outputs, values, strict=True)
+            pieces.append([value[0] if name == "logits" else value for name, value in named])
+            self.cache.length += len(chunk)
+        return [np.concatenate([piece[i] for piece in pieces]) for i in range(len(outputs))]
+
+    def prefill(self, prompt_ids: list[int]) -> np.ndarray:
+        self.cache.length = 0
+        return self.forward(prompt_ids, ("logits",))[0][-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self.forward([token_id], ("logits",))[0][-1]
