@@ -1,4 +1,5 @@
-"""Real model: SmolLM2-135M compiled to ONNX Runtime decodes exactly like the eager reference."""
+"""Real model: SmolLM2-135M compiled to ONNX Runtime (with prompt-lookup speculation) decodes
+exactly like the eager reference, plainly and speculatively."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def smollm2_pair(tmp_path_factory):
     from skiptree.models.zoo import fetch
 
     folder = fetch("smollm2-135m", progress=False)
-    artifact = skiptree.compile(folder, tmp_path_factory.mktemp("smol") / "artifact", max_seq_len=256)
+    artifact = skiptree.compile(folder, tmp_path_factory.mktemp("smol") / "artifact", max_seq_len=256,
+                                draft="prompt-lookup", tree="k-ary:2x3")  # fmt: skip
     return ReferenceModel(folder), skiptree.load(artifact)
 
 
@@ -33,11 +35,18 @@ def is_tie(logits: np.ndarray) -> bool:
 def test_greedy_equals_reference(smollm2_pair, prompt):
     reference, runtime = smollm2_pair
     expected = reference.generate(prompt, max_new_tokens=48).token_ids
-    got = runtime.generate(prompt, max_new_tokens=48).token_ids
-    if got != expected:  # accept only a numeric tie at the first divergence
-        k = next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)
-        ids = reference.encode_prompt(prompt) + expected[:k]
-        assert is_tie(reference.step_model.prefill(ids)), (k, got, expected)
+    speculative = runtime.generate(prompt, max_new_tokens=48)
+    runtime.speculative, decoder = None, runtime.speculative
+    try:
+        plain = runtime.generate(prompt, max_new_tokens=48).token_ids
+    finally:
+        runtime.speculative = decoder
+    assert speculative.result.steps  # it did decode speculatively
+    for got in (plain, speculative.token_ids):
+        if got != expected:  # accept only a numeric tie at the first divergence
+            k = next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)
+            ids = reference.encode_prompt(prompt) + expected[:k]
+            assert is_tie(reference.step_model.prefill(ids)), (k, got, expected)
 
 
 def test_manifest_check_and_chat(smollm2_pair):
