@@ -39,7 +39,9 @@ CALIBRATION_PROMPTS = (
 VERIFY_SIZES = (1, 2, 4, 8, 16, 32)
 
 
-def _median_ms(run, repeats: int) -> float:
+def _median_ms(run, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):  # ORT plans memory on the first runs of a new shape
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
