@@ -43,7 +43,7 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
             optimize=True,
             verbose=False,
         )
-    program.save(str(path), external_data=True)
+        program.save(str(path), external_data=True)
     graph = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
     _rename_dynamic_dims(graph, step)
     onnx.save(graph, str(path))
