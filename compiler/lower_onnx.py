@@ -34,7 +34,8 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
     """Write one step graph as `path` (+ `path.data` holding the weights)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # exporter chatter (torchvision ops, pytree notices)
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        for name in ("torch.onnx", "onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         program = torch.onnx.export(
             step.program,
             input_names=[spec.name for spec in step.inputs],
