@@ -181,7 +181,7 @@ class HfEngine:
         tokens, tps = self.engine.run(ids, max_new_tokens)
         model = self.engine.model
         return {"tokens": tokens, "tps": tps,
-                "per_step": len(tokens) / model.steps if isinstance(model, LookupModel) else 1.0}
+                "per_step": len(tokens) / model.steps if isinstance(model, LookupModel) else 1.0}  # fmt: skip
 
 
 def measure(engines: list, prompt_sets: dict, max_new_tokens: int, rounds: int) -> dict:
@@ -199,8 +199,8 @@ def measure(engines: list, prompt_sets: dict, max_new_tokens: int, rounds: int) 
                     runs[engine.name].append(engine.run(ids, max_new_tokens))
             for name, rs in runs.items():
                 result[set_name][name].append({**rs[-1], "tps": statistics.median(r["tps"] for r in rs)})
-            print(f"  {set_name} {p + 1}/{len(prompts)}: " + ", ".join(
-                f"{n.removeprefix('skiptree ')} {rs[-1]['tps']:.1f}" for n, rs in runs.items()), flush=True)
+            speeds = ", ".join(f"{n.removeprefix('skiptree ')} {rs[-1]['tps']:.1f}" for n, rs in runs.items())
+            print(f"  {set_name} {p + 1}/{len(prompts)}: {speeds}", flush=True)
     return result
 
 
@@ -286,8 +286,8 @@ def write_markdown(record: dict) -> str:
               "| | " + " | ".join(record["sets"]) + " |", "|---|" + "---|" * len(record["sets"])]  # fmt: skip
     profiles = [engines[f"skiptree prompt-lookup {best}"] for engines in record["sets"].values()]
     for key in profiles[0]["profile_ms_per_step"]:
-        lines.append(f"| {key.strip() if not key.startswith(' ') else '- ' + key.strip()} | "
-                     + " | ".join(f"{p['profile_ms_per_step'][key]:.2f}" for p in profiles) + " |")
+        cells = " | ".join(f"{p['profile_ms_per_step'][key]:.2f}" for p in profiles)
+        lines.append(f"| {'- ' + key.strip() if key.startswith(' ') else key} | {cells} |")
     ar = [1000 / engines[AR]["tokens_per_second_median"] for engines in record["sets"].values()]
     lines += ["| AR ms per token (for comparison) | " + " | ".join(f"{v:.2f}" for v in ar) + " |",
               *(f"| {key.replace('_', ' ')} | " + " | ".join(str(p[key]) for p in profiles) + " |"
@@ -296,7 +296,7 @@ def write_markdown(record: dict) -> str:
               f"## Verify cost T(n) at a {record['verify_prefix']}-token prefix (chain of n draft nodes "
               "+ the root; median ms)", "", "| graph | ms | vs plain step |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {name} | {v['ms']:.2f} | {v['vs_plain_step']:.2f} |"
-              for name, v in record["verify_cost"].items()]
+              for name, v in record["verify_cost"].items()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -327,7 +327,7 @@ def main() -> None:
         runs = measure(engines, prompt_ids, args.max_new_tokens, args.rounds)
         cost = verify_cost(spec_rt, prompt_ids["copying"][0])
     sets = {s: {name: summarise(r, by_engine[AR]) for name, r in by_engine.items()}
-            for s, by_engine in runs.items()}
+            for s, by_engine in runs.items()}  # fmt: skip
     best = max(TREES, key=lambda t: statistics.mean(e[f"skiptree prompt-lookup {t}"]["speedup_vs_ar_median"]
                                                     for e in sets.values()))  # fmt: skip
     record = {"model": "smollm2-135m (fp32)", "threads": 1, "max_new_tokens": args.max_new_tokens,
