@@ -37,7 +37,6 @@ import peers  # noqa: E402
 PROMPTS = ["def fib(n):", "The capital of France is",
            "import numpy as np\n\n# compute the mean of each column\n",
            "Explain what a compiler does in one paragraph."]  # fmt: skip
-RESULTS = Path(__file__).parent / "results"
 REFERENCE = "skiptree reference (eager torch)"
 MB = 1e6
 
@@ -198,11 +197,7 @@ def main() -> None:
         "engines": {name: engine_record(name, r, base, graphs.get(name)) for name, r in results.items()},
         "memory": memory_record,
     }  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode_speed.json").write_text(json.dumps(record, indent=2) + "\n")
-    markdown = write_markdown(record)
-    (RESULTS / "decode_speed.md").write_text(markdown)
-    print(markdown)
+    peers.save_results("decode_speed", record, write_markdown(record))
 
 
 if __name__ == "__main__":

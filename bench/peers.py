@@ -189,3 +189,12 @@ def peak_rss(kind: str, path: Path, prompt_ids: list[int], max_new_tokens: int, 
     if proc.returncode != 0:
         return {"error": _tail(proc.stderr)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def save_results(stem: str, record: dict, markdown: str) -> None:
+    """bench/results/<stem>.json and .md, and the table on stdout."""
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(markdown)
+    print(markdown)

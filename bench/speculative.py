@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -46,7 +45,6 @@ TREES = ("chain:2", "chain:4", "chain:6", "k-ary:2x2")
 HF_LOOKUP = (2, 4, 6)
 VERIFY_NODES = (1, 2, 4, 8, 16)
 AR = "skiptree AR (artifact, speculative=False)"
-RESULTS = Path(__file__).parent / "results"
 FN = "```python\n{}\n```"
 PROMPT_SETS = {  # name -> (chat-formatted, prompts)
     "chat": (True, [
@@ -337,11 +335,7 @@ def main() -> None:
               "best_tree": best, "verify_prefix": 256, "verify_cost": cost, "sets": sets,
               "prompts": {s: {"chat": PROMPT_SETS[s][0], "text": PROMPT_SETS[s][1][: args.prompts_per_set],
                               "ids": ids} for s, ids in prompt_ids.items()}}  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speculative.json").write_text(json.dumps(record, indent=2) + "\n")
-    markdown = write_markdown(record)
-    (RESULTS / "speculative.md").write_text(markdown)
-    print(markdown)
+    peers.save_results("speculative", record, write_markdown(record))
 
 
 if __name__ == "__main__":
