@@ -66,17 +66,28 @@ class TuneSession:
         os.replace(tmp, self.folder / CHOICE)
 
 
-def read_choice(folder: Path, fingerprint: str) -> dict[str, Any]:
-    """The session's decision, refused when it was tuned on other hardware or backend."""
+def read_choice(folder: Path, fingerprint: str, model_sha256: str | None = None,
+                force: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The session's decision, refused when it was tuned on other hardware or backend, or for
+    another model (weights sha256), unless `force`."""
     path = Path(folder) / CHOICE
     if not path.is_file():
         raise SessionError(f"{folder} holds no finished tuning session (no {CHOICE})",
                            "run skiptree tune ... --session DIR to the end first")  # fmt: skip
     choice = json.loads(path.read_text())
+    if force:
+        return choice
+    if model_sha256 is not None and choice.get("model_sha256") not in (None, model_sha256):
+        raise SessionError(
+            f"session {folder} was tuned for another model ({choice.get('target')}, weights sha256 "
+            f"{str(choice.get('model_sha256'))[:12]}...)",
+            "tune this model in its own session, or pass --force to use the tree anyway",
+        )
     if choice.get("fingerprint") != fingerprint:
         raise SessionError(
             f"session {folder} was tuned for device {choice.get('fingerprint')} "
             f"({choice.get('device', {}).get('cpu', '?')}), this machine is {fingerprint}",
-            "run skiptree tune on this machine (measurements do not transfer between machines)",
+            "run skiptree tune on this machine (measurements do not transfer between machines), "
+            "or pass --force to use the tree anyway",
         )
     return choice

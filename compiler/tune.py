@@ -88,7 +88,8 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
         error = abs(measured_speedup - choice["predicted_speedup"]) / measured_speedup
         log(f"measured speed-up {measured_speedup:.2f}x (predicted {choice['predicted_speedup']:.2f}x, "
             f"{100 * error:.0f}% apart)")
-    record = {"target": str(target), "draft": draft, "device": device, "max_seq_len": max_seq_len,
+    record = {"target": str(target), "model_sha256": runtime.manifest["model"]["weights_sha256"],
+              "draft": draft, "device": device, "max_seq_len": max_seq_len,
               "decode_ms": decode_ms, "verify_ms": verify_ms, "acceptance": acceptance,
               **{k: v for k, v in choice.items() if k != "candidates"},
               "measured_speedup": measured_speedup}  # fmt: skip
@@ -96,10 +97,11 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
     return record
 
 
-def tuned_options(session_dir: Path, options: CompileOptions) -> CompileOptions:
-    """The compile options a finished session chose (refused if tuned on another device)."""
+def tuned_options(session_dir: Path, options: CompileOptions, model_sha256: str | None = None,
+                  force: bool = False) -> CompileOptions:  # fmt: skip
+    """The compile options a finished session chose (refused if tuned on another device or model)."""
     _, fingerprint = this_device()
-    choice = read_choice(session_dir, fingerprint)
+    choice = read_choice(session_dir, fingerprint, model_sha256, force)
     if choice["mode"] == "plain":
         return CompileOptions(**{**options.__dict__, "draft": None})
     tree_file = Path(session_dir) / "tree.json"

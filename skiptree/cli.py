@@ -47,7 +47,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         tree=args.tree,
     )
     if args.tuned is not None:
-        options = tuned_options(args.tuned, options)
+        from skiptree.compiler.compile import weights_sha256
+        from skiptree.models.source import resolve_model_dir
+
+        model_sha256 = weights_sha256(resolve_model_dir(args.model))
+        options = tuned_options(args.tuned, options, model_sha256, force=args.force)
     print(compile_model(args.model, args.output, options))
     return 0
 
@@ -177,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
     comp.add_argument("--tuned", type=Path, default=None,
                       help="use a finished tuning session's choice (drafter and tree, or plain)")
+    comp.add_argument("--force", action="store_true",
+                      help="with --tuned: accept a session tuned on another machine or model")
     comp.set_defaults(run=cmd_compile)
 
     tune = commands.add_parser("tune", help="measure this machine and choose the draft tree (resumable)")

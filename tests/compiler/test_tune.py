@@ -68,3 +68,47 @@ def test_a_session_from_another_machine_is_refused(tmp_path):
         read_choice(tmp_path, fingerprint)
     with pytest.raises(SessionError, match="holds no finished tuning session"):
         read_choice(tmp_path / "empty", fingerprint)
+
+
+def test_a_session_for_another_model_is_refused_unless_forced(tmp_path):
+    _, fingerprint = this_device()
+    (tmp_path / "choice.json").write_text(json.dumps({
+        "fingerprint": fingerprint, "target": "other-model", "model_sha256": "ab" * 32, "mode": "plain"}))
+    with pytest.raises(SessionError, match=re.escape(
+        f"session {tmp_path} was tuned for another model (other-model, weights sha256 abababababab...); "
+        "tune this model in its own session, or pass --force to use the tree anyway."
+    )):  # fmt: skip
+        read_choice(tmp_path, fingerprint, model_sha256="cd" * 32)
+    assert read_choice(tmp_path, fingerprint, model_sha256="cd" * 32, force=True)["mode"] == "plain"
+
+
+def test_resume_after_sigkill(tiny_artifact, tmp_path):
+    """A real tuner process killed with SIGKILL mid-session: the rerun keeps what was measured."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, _ = tiny_artifact
+    session_dir = tmp_path / "session"
+    command = [sys.executable, "-m", "skiptree", "tune", str(folder), "--session", str(session_dir),
+               "--max-seq-len", "64", "--max-new-tokens", "12"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    measurements = session_dir / MEASUREMENTS
+    while time.time() < deadline and process.poll() is None:
+        if measurements.is_file() and len(measurements.read_text().splitlines()) >= 3:
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the tuner finished before it could be killed"
+    kept = [json.loads(line) for line in measurements.read_text().splitlines() if line.endswith("}")]
+    assert len(kept) >= 3
+    messages: list[str] = []
+    tune(str(folder), session_dir, max_seq_len=64, max_new_tokens=12, log=messages.append)
+    assert messages[0] == f"session {session_dir}: {len(kept)} measurements already taken on this device"
+    retaken = {m.removeprefix("  measuring ") for m in messages if m.startswith("  measuring")}
+    assert not retaken & {f"{r['kind']} {r['key']}" for r in kept}
+    assert (session_dir / "choice.json").is_file()
