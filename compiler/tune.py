@@ -20,6 +20,7 @@ import onnxruntime
 from skiptree.compiler.compile import compile_model
 from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.session import TuneSession, read_choice
+from skiptree.compiler.tune_report import write_report
 from skiptree.compiler.tuner import (
     CALIBRATION_PROMPTS,
     VERIFY_SIZES,
@@ -94,6 +95,7 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
               **{k: v for k, v in choice.items() if k != "candidates"},
               "measured_speedup": measured_speedup}  # fmt: skip
     session.write_choice(record)
+    log(f"report: {write_report(session_dir, record, choice['candidates'])} and report.png")
     return record
 
 

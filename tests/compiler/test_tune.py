@@ -48,6 +48,9 @@ def test_tune_resumes_and_compile_uses_its_choice(tiny_artifact, tmp_path):
     taken = len((session_dir / MEASUREMENTS).read_text().splitlines())
     assert taken >= 7  # decode, verify grid, acceptance (+ measured speed-up)
     assert first["mode"] in ("plain", "speculative") and "predicted_speedup" in first
+    report = (session_dir / "report.md").read_text()
+    assert "| draft nodes n | verify ms T(n) | T(n) / plain step |" in report and "Choice:" in report
+    assert (session_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     messages.clear()
     second = tune(str(folder), session_dir, max_seq_len=64, max_new_tokens=12, log=messages.append)
     assert not any(m.startswith("  measuring") for m in messages)  # everything reused
