@@ -23,10 +23,12 @@ from skiptree.compiler.session import TuneSession, read_choice
 from skiptree.compiler.tune_report import write_report
 from skiptree.compiler.tuner import (
     CALIBRATION_PROMPTS,
+    DRAFT_WIDTHS,
     VERIFY_SIZES,
     choose_tree,
     measure_acceptance,
     measure_decode_ms,
+    measure_draft_level_ms,
     measure_speedup,
     measure_verify_ms,
 )
@@ -41,7 +43,8 @@ def this_device() -> tuple[dict[str, Any], str]:
 
 def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: Sequence[str] | None = None,
          max_seq_len: int = 512, prefix: int = 256, width: int = 4, max_new_tokens: int = 64,
-         threads: int = 1, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+         threads: int = 1, temperature: float = 0.0,
+         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
          ) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) a tuning session; returns the choice it wrote."""
     session_dir = Path(session_dir)
@@ -70,9 +73,19 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
                              lambda n=n: measure_verify_ms(runtime, n, prefix))
                  for n in VERIFY_SIZES if n + 1 + prefix < max_seq_len}  # fmt: skip
     prompt_key = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:12]
+    level_ms = {w: measured("draft_level_ms", f"width={w},prefix={prefix}",
+                            lambda w=w: measure_draft_level_ms(runtime, w, prefix))
+                for w in DRAFT_WIDTHS}  # fmt: skip
     acceptance = measured("acceptance", f"drafter={draft},width={width},prompts={prompt_key}",
                           lambda: measure_acceptance(runtime, prompts, width, max_new_tokens))  # fmt: skip
-    choice = choose_tree(acceptance, verify_ms, decode_ms)
+    if temperature > 0:  # sampling: the tree is chosen for the acceptance at that temperature
+        greedy_acceptance = acceptance
+        acceptance = measured(
+            "acceptance", f"drafter={draft},width={width},prompts={prompt_key},temperature={temperature}",
+            lambda: measure_acceptance(runtime, prompts, width, max_new_tokens, temperature))  # fmt: skip
+        log(f"greedy acceptance by rank {[round(p, 3) for p in greedy_acceptance['acceptance']]}; "
+            f"at temperature {temperature}:")
+    choice = choose_tree(acceptance, verify_ms, decode_ms, level_ms=level_ms)
     costs = {n: round(v, 1) for n, v in verify_ms.items()}
     log(f"plain step {decode_ms:.1f} ms; verify ms by draft nodes {json.dumps(costs)}")
     log(f"acceptance by rank {[round(p, 3) for p in acceptance['acceptance']]}, hit rate "
@@ -92,6 +105,7 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
     record = {"target": str(target), "model_sha256": runtime.manifest["model"]["weights_sha256"],
               "draft": draft, "device": device, "max_seq_len": max_seq_len,
               "decode_ms": decode_ms, "verify_ms": verify_ms, "acceptance": acceptance,
+              "draft_level_ms": level_ms, "temperature": temperature,
               **{k: v for k, v in choice.items() if k != "candidates"},
               "measured_speedup": measured_speedup}  # fmt: skip
     session.write_choice(record)

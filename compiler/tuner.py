@@ -23,9 +23,11 @@ import numpy as np
 
 from skiptree.compiler.tree_dp import solve_tree
 from skiptree.runtime.artifact import Runtime
+from skiptree.runtime.drafters import DraftModelDrafter
 from skiptree.runtime.generation import generate_tokens
+from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.speculative import SpeculativeDecoder
-from skiptree.runtime.tree import TreeShape, chain, k_ary
+from skiptree.runtime.tree import TreeShape, chain, k_ary, tree_bias
 
 CALIBRATION_PROMPTS = (
     "Explain what a hash table is and when to use one.",
@@ -37,6 +39,7 @@ CALIBRATION_PROMPTS = (
     "List three differences between lists and tuples in Python.",
 )
 VERIFY_SIZES = (1, 2, 4, 8, 16, 32)
+DRAFT_WIDTHS = (1, 2, 4, 8)
 
 
 def _median_ms(run, repeats: int, warmup: int = 2) -> float:
@@ -74,14 +77,30 @@ def measure_verify_ms(runtime: Runtime, nodes: int, prefix: int, repeats: int = 
     return _median_ms(lambda: spec._verify(5, tokens, parents, greedy=True), repeats)
 
 
-def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: int) -> dict[str, Any]:
+def measure_draft_level_ms(runtime: Runtime, width: int, prefix: int, repeats: int = 7) -> float:
+    """A draft model's cost for one tree level of `width` nodes (0 for table-lookup drafters)."""
+    drafter = runtime.speculative.drafter
+    if not isinstance(drafter, DraftModelDrafter):
+        return 0.0
+    model = drafter.model
+    model.prefill(_context(runtime, prefix))
+    parents = [-1] * width
+    bias = tree_bias(parents, prefix, prefix, list(range(width)), model.max_seq_len, model.cache.dtype)
+    slots = np.arange(prefix, prefix + width)
+    return _median_ms(lambda: model.run_tokens([5] * width, slots, bias, slots, ("logits",)), repeats)
+
+
+def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: int,
+                       temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    """Acceptance by rank from width-`width` depth-1 trees: greedy, or sampling at `temperature`."""
+    sampling = SamplingConfig(do_sample=temperature > 0, temperature=temperature or 1.0, top_k=0)
     spec = runtime.speculative
     decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter,
                                  k_ary(width, 1))  # fmt: skip
     ranks, steps, hits, draft_seconds, drafted = [0] * width, 0, 0, 0.0, 0
     for prompt in prompts:
         ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
-        result = decoder.generate(ids, max_new_tokens, eos_token_ids=runtime.eos_token_ids)
+        result = decoder.generate(ids, max_new_tokens, sampling, eos_token_ids=runtime.eos_token_ids, seed=0)
         for step in result.steps:
             steps += 1
             draft_seconds += step.draft_seconds
@@ -93,16 +112,33 @@ def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: in
             "draft_ms_per_node": 1000 * draft_seconds / max(drafted, 1), "steps": steps}  # fmt: skip
 
 
+def draft_ms(parents: tuple[int, ...], per_node_ms: float, level_ms: dict[int, float]) -> float:
+    """Draft time of a tree: per-node cost (lookups) plus, for a draft model, one call per level
+    with the level's width, priced by the nearest measured width at or above it."""
+    depth: list[int] = []
+    for parent in parents:
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+    total = per_node_ms * len(parents)
+    if level_ms:
+        widths = [1] + [depth.count(d) for d in range(1, max(depth, default=0))]  # levels fed to the draft
+        for width in widths:
+            fit = min((w for w in level_ms if w >= width), default=max(level_ms))
+            total += level_ms[fit] * max(1.0, width / fit)
+    return total
+
+
 def choose_tree(acceptance: dict[str, Any], verify_ms: dict[int, float], decode_ms: float,
-                max_depth: int = 8) -> dict[str, Any]:  # fmt: skip
+                max_depth: int = 8, level_ms: dict[int, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """The (n, d) with the best predicted speed-up, or plain decoding when none beats 1.0."""
     p, hit = acceptance["acceptance"], acceptance["hit_rate"]
+    level_ms = {w: ms for w, ms in (level_ms or {}).items() if ms > 0}
     best: dict[str, Any] = {"mode": "plain", "predicted_speedup": 1.0, "parents": []}
     candidates = []
     for nodes, cost in sorted(verify_ms.items()):
         for depth in range(1, min(max_depth, nodes) + 1):
             tree = solve_tree(p, nodes, depth)
-            draft = acceptance["draft_ms_per_node"] * len(tree.parents)
+            per_node = 0.0 if level_ms else acceptance["draft_ms_per_node"]  # a model: levels priced
+            draft = draft_ms(tree.parents, per_node, level_ms)
             tokens = hit * tree.expected_tokens + (1 - hit)
             ms = hit * (cost + draft) + (1 - hit) * decode_ms
             speedup = tokens / ms * decode_ms

@@ -63,7 +63,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts = [line for line in args.prompts.read_text().split("\n\n") if line.strip()]
     choice = tune(args.model, args.session, draft=args.draft, prompts=prompts, max_seq_len=args.max_seq_len,
-                  threads=args.threads, max_new_tokens=args.max_new_tokens)  # fmt: skip
+                  threads=args.threads, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature)  # fmt: skip
     print(json.dumps({k: choice[k] for k in ("mode", "predicted_speedup", "measured_speedup", "parents")}))
     return 0
 
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-seq-len", type=int, default=512)
     tune.add_argument("--max-new-tokens", type=int, default=64)
     tune.add_argument("--threads", type=int, default=1)
+    tune.add_argument("--temperature", type=float, default=0.0,
+                      help="also measure acceptance when sampling at this temperature and tune for it")
     tune.set_defaults(run=cmd_tune)
 
     tree = commands.add_parser("tree", help="the best draft tree for an acceptance vector (Sequoia DP)")

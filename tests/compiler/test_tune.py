@@ -115,3 +115,13 @@ def test_resume_after_sigkill(tiny_artifact, tmp_path):
     retaken = {m.removeprefix("  measuring ") for m in messages if m.startswith("  measuring")}
     assert not retaken & {f"{r['kind']} {r['key']}" for r in kept}
     assert (session_dir / "choice.json").is_file()
+
+
+def test_draft_model_levels_are_priced_by_width():
+    from skiptree.compiler.tuner import draft_ms
+
+    level_ms = {1: 2.0, 2: 2.5, 4: 3.0, 8: 4.0}
+    # k-ary 2x2: the draft model runs the root (width 1), then the 2 depth-1 nodes (width 2)
+    assert draft_ms((-1, -1, 0, 0, 1, 1), 0.0, level_ms) == 2.0 + 2.5
+    assert draft_ms((-1, 0, 1), 0.0, level_ms) == 2.0 * 3  # a chain: one call per level
+    assert draft_ms((-1, 0, 1), 0.1, {}) == pytest.approx(0.3)  # lookups: per node
