@@ -16,10 +16,12 @@ The best (n, d) wins if its predicted speed-up exceeds 1, else plain decoding is
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from skiptree.compiler.tree_dp import solve_tree
 from skiptree.runtime.artifact import Runtime
@@ -98,7 +100,7 @@ def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: in
     decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter,
                                  k_ary(width, 1))  # fmt: skip
     ranks, steps, hits, draft_seconds, drafted = [0] * width, 0, 0, 0.0, 0
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="    calibration prompts", file=sys.stderr, leave=False):
         ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
         result = decoder.generate(ids, max_new_tokens, sampling, eos_token_ids=runtime.eos_token_ids, seed=0)
         for step in result.steps:
@@ -157,7 +159,7 @@ def measure_speedup(runtime: Runtime, parents: list[int], prompts, max_new_token
     decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter,
                                  TreeShape(tuple(parents)))  # fmt: skip
     ratios = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="    measuring the chosen tree", file=sys.stderr, leave=False):
         ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
         plain = runtime.step_model
         start = time.perf_counter()
