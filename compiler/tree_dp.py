@@ -51,17 +51,30 @@ def _knapsack(acceptance: np.ndarray, child_best: np.ndarray, budget: int) -> tu
     return best, choice
 
 
-def solve_tree(acceptance: list[float] | np.ndarray, budget: int, max_depth: int) -> TreeSolution:
-    """The tree of at most `budget` draft nodes and depth <= `max_depth` maximising G."""
-    p = np.asarray(acceptance, dtype=np.float64)
-    if budget < 0 or max_depth < 0 or p.ndim != 1 or (p < 0).any() or p.sum() > 1 + 1e-9:
+def _check(p: np.ndarray) -> np.ndarray:
+    if p.ndim != 1 or (p < 0).any() or p.sum() > 1 + 1e-9:
+        raise ValueError("acceptance must be probabilities summing to <= 1; budget, depth >= 0")
+    return p
+
+
+def solve_tree(acceptance: list[float] | np.ndarray, budget: int, max_depth: int,
+               by_depth: list[list[float]] | None = None) -> TreeSolution:  # fmt: skip
+    """The tree of at most `budget` draft nodes and depth <= `max_depth` maximising G.
+
+    `by_depth[k - 1]`, where given, replaces `acceptance` for children at depth k (a drafter whose
+    deeper guesses are likelier once the first was right, such as prompt lookup)."""
+    p = _check(np.asarray(acceptance, dtype=np.float64))
+    levels = [_check(np.asarray(v, dtype=np.float64)) for v in (by_depth or [])]
+    if budget < 0 or max_depth < 0:
         raise ValueError("acceptance must be probabilities summing to <= 1; budget, depth >= 0")
     size = budget + 1  # the root included
-    # best[d][m]: c(m, d); index 0 unused (NEG)
+    # best[d][m]: c(m, d) for a subtree whose root sits d levels above the depth limit
     best = [np.concatenate([[NEG, 1.0], np.full(size - 1, NEG)])]
     choices = [None]
-    for _ in range(max_depth):
-        knap, choice = _knapsack(p, best[-1], size - 1)
+    for remaining in range(1, max_depth + 1):
+        child_depth = max_depth - remaining + 1
+        level_p = levels[child_depth - 1] if child_depth <= len(levels) else p
+        knap, choice = _knapsack(level_p, best[-1], size - 1)
         layer = np.full(size + 1, NEG)
         layer[1:] = 1.0 + knap[0, : size]
         best.append(layer)
@@ -105,13 +118,17 @@ def _level_order(parents: list[int]) -> tuple[int, ...]:
     return tuple(-1 if parents[old] < 0 else new_index[parents[old]] for old in order)
 
 
-def expected_tokens(acceptance: list[float], parents: list[int] | tuple[int, ...]) -> float:
+def expected_tokens(acceptance: list[float], parents: list[int] | tuple[int, ...],
+                    by_depth: list[list[float]] | None = None) -> float:  # fmt: skip
     """G of a given tree (root included): sum of path products of the children's rank probabilities."""
     rank_seen: dict[int, int] = {}
     reach: list[float] = []
+    depth: list[int] = []
     for parent in parents:
         rank = rank_seen.get(parent, 0)
         rank_seen[parent] = rank + 1
-        p = acceptance[rank] if rank < len(acceptance) else 0.0
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+        vector = by_depth[depth[-1] - 1] if by_depth and depth[-1] <= len(by_depth) else acceptance
+        p = vector[rank] if rank < len(vector) else 0.0
         reach.append(p * (1.0 if parent < 0 else reach[parent]))
     return 1.0 + sum(reach)

@@ -25,15 +25,19 @@ from skiptree.compiler.tuner import (
     CALIBRATION_PROMPTS,
     DRAFT_WIDTHS,
     VERIFY_SIZES,
+    acceptance_by_depth,
     choose_tree,
     measure_acceptance,
     measure_decode_ms,
+    measure_depth_acceptance,
     measure_draft_level_ms,
     measure_speedup,
     measure_verify_ms,
 )
 from skiptree.runtime.artifact import Runtime, is_artifact
 from skiptree.runtime.device import device_description, device_fingerprint
+
+CHAIN_DEPTH = 8  # chain used to measure how acceptance changes with depth
 
 
 def this_device() -> tuple[dict[str, Any], str]:
@@ -85,7 +89,13 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
             lambda: measure_acceptance(runtime, prompts, width, max_new_tokens, temperature))  # fmt: skip
         log(f"greedy acceptance by rank {[round(p, 3) for p in greedy_acceptance['acceptance']]}; "
             f"at temperature {temperature}:")
-    choice = choose_tree(acceptance, verify_ms, decode_ms, level_ms=level_ms)
+    chain_acceptance = measured(
+        "chain_acceptance", f"drafter={draft},depth={CHAIN_DEPTH},prompts={prompt_key}",
+        lambda: measure_depth_acceptance(runtime, prompts, CHAIN_DEPTH, max_new_tokens))  # fmt: skip
+    by_depth = acceptance_by_depth(acceptance["acceptance"], chain_acceptance)
+    log(f"acceptance of a chain's k-th draft given the ones before, k = 1..{CHAIN_DEPTH}: "
+        f"{[round(p, 3) for p in chain_acceptance]}")
+    choice = choose_tree(acceptance, verify_ms, decode_ms, level_ms=level_ms, by_depth=by_depth)
     costs = {n: round(v, 1) for n, v in verify_ms.items()}
     log(f"plain step {decode_ms:.1f} ms; verify ms by draft nodes {json.dumps(costs)}")
     log(f"acceptance by rank {[round(p, 3) for p in acceptance['acceptance']]}, hit rate "
@@ -106,6 +116,7 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
               "draft": draft, "device": device, "max_seq_len": max_seq_len,
               "decode_ms": decode_ms, "verify_ms": verify_ms, "acceptance": acceptance,
               "draft_level_ms": level_ms, "temperature": temperature,
+              "chain_acceptance": chain_acceptance,
               **{k: v for k, v in choice.items() if k != "candidates"},
               "measured_speedup": measured_speedup}  # fmt: skip
     session.write_choice(record)

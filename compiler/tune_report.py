@@ -19,6 +19,8 @@ def report_markdown(record: dict[str, Any], candidates: list[dict[str, Any]]) ->
     lines += ["", f"Acceptance by draft rank: {', '.join(f'{p:.3f}' for p in acceptance['acceptance'])}; "
               f"hit rate {acceptance['hit_rate']:.3f} over {acceptance['steps']} steps; draft "
               f"{acceptance['draft_ms_per_node']:.3f} ms per node", "",
+              f"Acceptance of a chain's k-th draft given the ones before (k = 1, 2, ...): "
+              f"{', '.join(f'{p:.3f}' for p in record.get('chain_acceptance', []))}", "",
               "| n | depth | expected tokens/step | predicted speed-up |", "|---|---|---|---|"]  # fmt: skip
     best = sorted(candidates, key=lambda c: -c["predicted_speedup"])[:10]
     lines += [f"| {c['nodes']} | {c['depth']} | {c['expected_tokens']:.3f} | {c['predicted_speedup']:.3f}x |"

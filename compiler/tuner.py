@@ -114,6 +114,31 @@ def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: in
             "draft_ms_per_node": 1000 * draft_seconds / max(drafted, 1), "steps": steps}  # fmt: skip
 
 
+def measure_depth_acceptance(runtime: Runtime, prompts, depth: int, max_new_tokens: int) -> list[float]:
+    """P(the k-th draft of a chain is accepted | the k - 1 before it were), k = 1..depth."""
+    spec = runtime.speculative
+    decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter, chain(depth))
+    attempted, accepted = [0] * depth, [0] * depth
+    for prompt in tqdm(prompts, desc="    chain acceptance by depth", file=sys.stderr, leave=False):
+        ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
+        for step in decoder.generate(ids, max_new_tokens, eos_token_ids=runtime.eos_token_ids).steps:
+            for k in range(min(step.drafted, step.accepted + 1)):  # the k-th is judged if all before passed
+                attempted[k] += 1
+                accepted[k] += step.accepted > k
+    return [a / t if t else 0.0 for a, t in zip(accepted, attempted, strict=True)]
+
+
+def acceptance_by_depth(acceptance: list[float], chain_acceptance: list[float]) -> list[list[float]]:
+    """Per-depth rank vectors: depth 1 as measured on width-W trees; deeper levels take the chain's
+    conditional rank-1 acceptance, and the lower ranks of depth 1 scaled to keep the sum <= 1."""
+    levels = [list(acceptance)]
+    rest = sum(acceptance[1:])
+    for first in chain_acceptance[1:]:
+        scale = min(1.0, (1.0 - first) / rest) if rest > 0 else 0.0
+        levels.append([first, *(p * scale for p in acceptance[1:])])
+    return levels
+
+
 def draft_ms(parents: tuple[int, ...], per_node_ms: float, level_ms: dict[int, float]) -> float:
     """Draft time of a tree: per-node cost (lookups) plus, for a draft model, one call per level
     with the level's width, priced by the nearest measured width at or above it."""
@@ -130,7 +155,8 @@ def draft_ms(parents: tuple[int, ...], per_node_ms: float, level_ms: dict[int, f
 
 
 def choose_tree(acceptance: dict[str, Any], verify_ms: dict[int, float], decode_ms: float,
-                max_depth: int = 8, level_ms: dict[int, float] | None = None) -> dict[str, Any]:  # fmt: skip
+                max_depth: int = 8, level_ms: dict[int, float] | None = None,
+                by_depth: list[list[float]] | None = None) -> dict[str, Any]:  # fmt: skip
     """The (n, d) with the best predicted speed-up, or plain decoding when none beats 1.0."""
     p, hit = acceptance["acceptance"], acceptance["hit_rate"]
     level_ms = {w: ms for w, ms in (level_ms or {}).items() if ms > 0}
@@ -138,7 +164,7 @@ def choose_tree(acceptance: dict[str, Any], verify_ms: dict[int, float], decode_
     candidates = []
     for nodes, cost in sorted(verify_ms.items()):
         for depth in range(1, min(max_depth, nodes) + 1):
-            tree = solve_tree(p, nodes, depth)
+            tree = solve_tree(p, nodes, depth, by_depth)
             per_node = 0.0 if level_ms else acceptance["draft_ms_per_node"]  # a model: levels priced
             draft = draft_ms(tree.parents, per_node, level_ms)
             tokens = hit * tree.expected_tokens + (1 - hit)

@@ -13,7 +13,7 @@ from skiptree.compiler.tree_dp import expected_tokens, solve_tree
 from skiptree.runtime.tree import TreeShape
 
 
-def brute_force_best(acceptance: tuple[float, ...], budget: int, max_depth: int) -> float:
+def brute_force_best(acceptance: tuple[float, ...], budget: int, max_depth: int, by_depth=()) -> float:
     """Enumerate every tree: a node's children are an ordered list of subtrees (rank 1, 2, ...)."""
 
     @functools.cache
@@ -21,9 +21,11 @@ def brute_force_best(acceptance: tuple[float, ...], budget: int, max_depth: int)
         # best sum over children of ranks rank.. with `size` nodes in total, each of depth <= depth
         if size == 0:
             return 0.0
-        if depth == 0 or rank >= len(acceptance):
+        child_depth = max_depth - depth + 1
+        p = by_depth[child_depth - 1] if child_depth <= len(by_depth) else acceptance
+        if depth == 0 or rank >= len(p):
             return float("-inf")
-        return max(acceptance[rank] * best_tree(a, depth - 1) + best_forest(size - a, depth, rank + 1)
+        return max(p[rank] * best_tree(a, depth - 1) + best_forest(size - a, depth, rank + 1)
                    for a in range(1, size + 1))  # fmt: skip
 
     @functools.cache
@@ -49,6 +51,17 @@ def test_matches_brute_force(acceptance, budget, max_depth):
     assert expected_tokens(list(acceptance), solution.parents) == pytest.approx(solution.expected_tokens)
 
 
+@settings(max_examples=40, deadline=None)
+@given(acceptance=acceptances, deeper=st.lists(acceptances, max_size=3), budget=st.integers(0, 8),
+       max_depth=st.integers(0, 4))  # fmt: skip
+def test_depth_dependent_matches_brute_force(acceptance, deeper, budget, max_depth):
+    deeper = [list(v) + [0.0] * (len(acceptance) - len(v)) for v in deeper]  # same number of ranks
+    solution = solve_tree(list(acceptance), budget, max_depth, by_depth=deeper)
+    best = brute_force_best(acceptance, budget, max_depth, tuple(tuple(v) for v in deeper))
+    assert solution.expected_tokens == pytest.approx(best, abs=1e-9)
+    assert expected_tokens(list(acceptance), solution.parents, deeper) == pytest.approx(best, abs=1e-9)
+
+
 def test_chain_formula():
     # one candidate per level accepted with probability a: G = (1 - a^(n+1)) / (1 - a)
     solution = solve_tree([0.6], budget=5, max_depth=10)
@@ -68,3 +81,14 @@ def test_large_budget_is_fast():
     solution = solve_tree(acceptance, budget=128, max_depth=10)
     assert time.perf_counter() - start < 2.0
     assert len(solution.parents) == 128 and solution.expected_tokens > 2.0
+
+
+def test_depth_dependent_acceptance_deepens_the_tree():
+    flat = solve_tree([0.5, 0.2], budget=6, max_depth=6)
+    deeper = solve_tree([0.5, 0.2], budget=6, max_depth=6, by_depth=[[0.5, 0.2]] + [[0.9, 0.05]] * 5)
+    assert deeper.depth > flat.depth
+    by_depth = [[0.5, 0.2]] + [[0.9, 0.05]] * 5
+    assert expected_tokens([0.5, 0.2], deeper.parents, by_depth) == pytest.approx(deeper.expected_tokens)
+    # exact: no tree of the same budget does better under the same acceptance
+    for parents in ([-1, 0, 1, 2, 3, 4], [-1, -1, 0, 1, 2, 3], [-1, -1, 0, 0, 2, 4]):
+        assert expected_tokens([0.5, 0.2], parents, by_depth) <= deeper.expected_tokens + 1e-12
