@@ -154,6 +154,16 @@ def draft_ms(parents: tuple[int, ...], per_node_ms: float, level_ms: dict[int, f
     return total
 
 
+def monotone(verify_ms: dict[int, float]) -> dict[int, float]:
+    """Verify cost cannot fall as the tree grows; a measurement that does (a noisy neighbour on a
+    shared machine) is raised to the largest cost of a smaller tree, so noise cannot buy a big tree."""
+    out, highest = {}, 0.0
+    for nodes, cost in sorted(verify_ms.items()):
+        highest = max(highest, cost)
+        out[nodes] = highest
+    return out
+
+
 def choose_tree(acceptance: dict[str, Any], verify_ms: dict[int, float], decode_ms: float,
                 max_depth: int = 8, level_ms: dict[int, float] | None = None,
                 by_depth: list[list[float]] | None = None) -> dict[str, Any]:  # fmt: skip
@@ -162,7 +172,7 @@ def choose_tree(acceptance: dict[str, Any], verify_ms: dict[int, float], decode_
     level_ms = {w: ms for w, ms in (level_ms or {}).items() if ms > 0}
     best: dict[str, Any] = {"mode": "plain", "predicted_speedup": 1.0, "parents": []}
     candidates = []
-    for nodes, cost in sorted(verify_ms.items()):
+    for nodes, cost in monotone(verify_ms).items():
         for depth in range(1, min(max_depth, nodes) + 1):
             tree = solve_tree(p, nodes, depth, by_depth)
             per_node = 0.0 if level_ms else acceptance["draft_ms_per_node"]  # a model: levels priced

@@ -125,3 +125,15 @@ def test_draft_model_levels_are_priced_by_width():
     assert draft_ms((-1, -1, 0, 0, 1, 1), 0.0, level_ms) == 2.0 + 2.5
     assert draft_ms((-1, 0, 1), 0.0, level_ms) == 2.0 * 3  # a chain: one call per level
     assert draft_ms((-1, 0, 1), 0.1, {}) == pytest.approx(0.3)  # lookups: per node
+
+
+def test_noisy_costs_cannot_make_a_big_tree_look_cheap():
+    from skiptree.compiler.tuner import monotone
+
+    noisy = {1: 746.5, 2: 1015.9, 4: 980.8, 8: 1256.3, 16: 809.2, 32: 1519.9}  # measured under load
+    assert monotone(noisy) == {1: 746.5, 2: 1015.9, 4: 1015.9, 8: 1256.3, 16: 1256.3, 32: 1519.9}
+    acceptance = {"acceptance": [0.65, 0.1, 0.04], "hit_rate": 1.0, "draft_ms_per_node": 0.0}
+    candidates = choose_tree(acceptance, noisy, decode_ms=579.5)["candidates"]
+    best = {n: max(c["predicted_speedup"] for c in candidates if c["nodes"] == n) for n in (8, 16)}
+    # at face value T(16) = 809 ms would predict 16 nodes far faster than 8; priced at >= T(8) it is not
+    assert best[16] < best[8] * 1.2
