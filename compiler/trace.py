@@ -49,15 +49,20 @@ def example_step_inputs(model: CausalLM, max_seq_len: int, steps: int = 3) -> tu
     Every input is its own tensor, never a view: export records guards on a view's `_base`
     (and on aliasing), which then fail on the real inputs.
     """
-    k_cache, v_cache = model.new_kv_cache(1, max_seq_len)
+    caches = example_caches(model, max_seq_len)
     return (
         torch.zeros(1, steps, dtype=torch.int64),
         torch.arange(steps).reshape(1, steps).clone(),
-        torch.zeros(1, 1, steps, max_seq_len, dtype=k_cache.dtype),
+        torch.zeros(1, 1, steps, max_seq_len, dtype=caches[0].dtype),
         torch.arange(steps),
-        *(layer.clone() for layer in k_cache.unbind(0)),
-        *(layer.clone() for layer in v_cache.unbind(0)),
+        *caches,
     )
+
+
+def example_caches(model: CausalLM, max_seq_len: int) -> tuple[torch.Tensor, ...]:
+    """k0..k{L-1}, v0..v{L-1}: zeroed per-layer caches, each its own tensor (not a view)."""
+    k_cache, v_cache = model.new_kv_cache(1, max_seq_len)
+    return (*(layer.clone() for layer in k_cache.unbind(0)), *(layer.clone() for layer in v_cache.unbind(0)))
 
 
 def _spec(name: str, value: torch.Tensor, dynamic_dims: dict[int, str]) -> TensorSpec:

@@ -28,7 +28,6 @@ from skiptree.runtime.artifact import Runtime
 from skiptree.runtime.drafters import DraftModelDrafter
 from skiptree.runtime.generation import generate_tokens
 from skiptree.runtime.sampling import SamplingConfig
-from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tree import TreeShape, chain, k_ary, tree_bias
 
 CALIBRATION_PROMPTS = (
@@ -59,6 +58,11 @@ def _context(runtime: Runtime, prefix: int) -> list[int]:
     """A `prefix`-token context of ordinary ids (the values do not change the cost)."""
     vocab = runtime.manifest["model"]["config"]["vocab_size"]
     return [(7 * i) % vocab for i in range(prefix)]
+
+
+def _prompt_ids(runtime: Runtime, prompt: str) -> list[int]:
+    """Calibration prompts go through the chat template when the model has one."""
+    return runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
 
 
 def measure_decode_ms(runtime: Runtime, prefix: int, repeats: int = 7) -> float:
@@ -96,12 +100,10 @@ def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: in
                        temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """Acceptance by rank from width-`width` depth-1 trees: greedy, or sampling at `temperature`."""
     sampling = SamplingConfig(do_sample=temperature > 0, temperature=temperature or 1.0, top_k=0)
-    spec = runtime.speculative
-    decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter,
-                                 k_ary(width, 1))  # fmt: skip
+    decoder = runtime.speculative.with_tree(k_ary(width, 1))
     ranks, steps, hits, draft_seconds, drafted = [0] * width, 0, 0, 0.0, 0
     for prompt in tqdm(prompts, desc="    calibration prompts", file=sys.stderr, leave=False):
-        ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
+        ids = _prompt_ids(runtime, prompt)
         result = decoder.generate(ids, max_new_tokens, sampling, eos_token_ids=runtime.eos_token_ids, seed=0)
         for step in result.steps:
             steps += 1
@@ -116,11 +118,10 @@ def measure_acceptance(runtime: Runtime, prompts, width: int, max_new_tokens: in
 
 def measure_depth_acceptance(runtime: Runtime, prompts, depth: int, max_new_tokens: int) -> list[float]:
     """P(the k-th draft of a chain is accepted | the k - 1 before it were), k = 1..depth."""
-    spec = runtime.speculative
-    decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter, chain(depth))
+    decoder = runtime.speculative.with_tree(chain(depth))
     attempted, accepted = [0] * depth, [0] * depth
     for prompt in tqdm(prompts, desc="    chain acceptance by depth", file=sys.stderr, leave=False):
-        ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
+        ids = _prompt_ids(runtime, prompt)
         for step in decoder.generate(ids, max_new_tokens, eos_token_ids=runtime.eos_token_ids).steps:
             for k in range(min(step.drafted, step.accepted + 1)):  # the k-th is judged if all before passed
                 attempted[k] += 1
@@ -191,12 +192,10 @@ def choose_tree(acceptance: dict[str, Any], verify_ms: dict[int, float], decode_
 
 def measure_speedup(runtime: Runtime, parents: list[int], prompts, max_new_tokens: int) -> float:
     """Measured decode speed-up of the tree over plain decoding on the prompts (median ratio)."""
-    spec = runtime.speculative
-    decoder = SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, spec.drafter,
-                                 TreeShape(tuple(parents)))  # fmt: skip
+    decoder = runtime.speculative.with_tree(TreeShape(tuple(parents)))
     ratios = []
     for prompt in tqdm(prompts, desc="    measuring the chosen tree", file=sys.stderr, leave=False):
-        ids = runtime.encode_prompt(prompt, chat=runtime.tokenizer.chat_template is not None)
+        ids = _prompt_ids(runtime, prompt)
         plain = runtime.step_model
         start = time.perf_counter()
         base = generate_tokens(plain, ids, max_new_tokens, eos_token_ids=runtime.eos_token_ids)

@@ -28,7 +28,7 @@ from torch import nn
 
 from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.pass_manager import Pass, PassResult
-from skiptree.compiler.trace import export_with_caches
+from skiptree.compiler.trace import example_caches, export_with_caches
 from skiptree.models.base import CausalLM, mask_value
 
 
@@ -97,9 +97,8 @@ class InsertTreeVerify(Pass):
     def run(self, ir: ModelIR) -> PassResult:
         model, max_len = ir.model, ir.max_seq_len
         max_tree = min(self.max_tree, max_len)
-        k_cache, v_cache = model.new_kv_cache(1, max_len)
-        caches = (*(c.clone() for c in k_cache.unbind(0)), *(c.clone() for c in v_cache.unbind(0)))
-        dtype = str(k_cache.dtype).removeprefix("torch.")
+        caches = example_caches(model, max_len)
+        dtype = str(caches[0].dtype).removeprefix("torch.")
         example = [("tokens", torch.zeros(1, 3, dtype=torch.int64), {1: "T"}),
                    ("parents", torch.tensor([0, 0, 1]), {0: "T"}),
                    ("prefix_len", torch.tensor([1]), {})]  # fmt: skip

@@ -77,7 +77,7 @@ class PromptLookupDrafter:
         for parent, kids in shape.children().items():
             if parent not in kept:
                 continue  # dropped with its subtree
-            options = self.candidates(context + paths[parent], len(kids))
+            options = self.candidates(context[-self.max_ngram :] + paths[parent], len(kids))  # suffix only
             for node, token in zip(kids, options, strict=False):
                 kept[node] = draft.add(token, kept[parent])
                 paths[node] = paths[parent] + [token]

@@ -92,7 +92,33 @@ class OnnxGraph:
         return [value.numpy() for value in fetched]
 
 
-class OnnxStepModel:
+class CachedSteps:
+    """A `StepModel` over a `KVCache`: subclasses implement `forward` (append tokens, return the
+    requested outputs for them); prefill and decode are the same on top of it."""
+
+    cache: KVCache
+    max_seq_len: int
+
+    @property
+    def k_cache(self) -> np.ndarray:
+        return self.cache.k
+
+    def check_room(self, steps: int) -> None:
+        if self.cache.length + steps > self.max_seq_len:
+            raise ValueError(f"{self.cache.length + steps} tokens overflow the cache of {self.max_seq_len}")
+
+    def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
+        raise NotImplementedError
+
+    def prefill(self, prompt_ids: list[int]) -> np.ndarray:
+        self.cache.length = 0  # stale slots are masked: the bias only shows slots below the length
+        return self.forward(prompt_ids, ("logits",))[0][-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self.forward([token_id], ("logits",))[0][-1]
+
+
+class OnnxStepModel(CachedSteps):
     """Prefill and decode through the "step" graph (a `StepModel` for the decoding loop)."""
 
     def __init__(self, path: Path, signature: dict, config: SessionConfig | None = None,
@@ -100,14 +126,6 @@ class OnnxStepModel:
         self.cache = cache or KVCache(signature)
         self.graph = OnnxGraph(path, self.cache, config or SessionConfig())
         self.max_seq_len = self.cache.max_seq_len
-
-    @property
-    def k_cache(self) -> np.ndarray:
-        return self.cache.k
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
 
     def causal_bias(self, steps: int) -> np.ndarray:
         """[1, 1, T, S]: token length+t may attend slots 0..length+t."""
@@ -126,22 +144,14 @@ class OnnxStepModel:
     def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
         """Append tokens to the cache; returns the requested outputs for them (batch dim dropped)."""
         steps, start = len(token_ids), self.cache.length
-        if start + steps > self.max_seq_len:
-            raise ValueError(f"{start + steps} tokens overflow the cache of {self.max_seq_len}")
+        self.check_room(steps)
         positions = np.arange(start, start + steps, dtype=np.int64)
         values = self.run_tokens(token_ids, positions, self.causal_bias(steps), positions, outputs)
         self.cache.length = start + steps
         return values
 
-    def prefill(self, prompt_ids: list[int]) -> np.ndarray:
-        self.cache.length = 0  # stale slots are masked by the causal bias
-        return self.forward(prompt_ids, ("logits",))[0][-1]
 
-    def decode(self, token_id: int) -> np.ndarray:
-        return self.forward([token_id], ("logits",))[0][-1]
-
-
-class VerifyStepModel:
+class VerifyStepModel(CachedSteps):
     """The "step" of a speculative artifact, run through its verify graph, which subsumes it: a
     chain tree is a causal step. One graph then holds the weights once (two graphs would load two
     copies). Prefill goes in chunks of at most `max_tree` tokens, the verify graph's largest tree."""
@@ -150,15 +160,9 @@ class VerifyStepModel:
         self.graph, self.cache, self.max_tree = graph, graph.cache, max_tree
         self.max_seq_len = self.cache.max_seq_len
 
-    @property
-    def k_cache(self) -> np.ndarray:
-        return self.cache.k
-
     def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
         """Append tokens (causally); returns the requested outputs for them: logits [T, V], ids [T]."""
-        if self.cache.length + len(token_ids) > self.max_seq_len:
-            total = self.cache.length + len(token_ids)
-            raise ValueError(f"{total} tokens overflow the cache of {self.max_seq_len}")
+        self.check_room(len(token_ids))
         pieces: list[list[np.ndarray]] = []
         for start in range(0, len(token_ids), self.max_tree):
             chunk = token_ids[start : start + self.max_tree]
@@ -170,10 +174,3 @@ class VerifyStepModel:
             pieces.append([value[0] if name == "logits" else value for name, value in named])
             self.cache.length += len(chunk)
         return [np.concatenate([piece[i] for piece in pieces]) for i in range(len(outputs))]
-
-    def prefill(self, prompt_ids: list[int]) -> np.ndarray:
-        self.cache.length = 0
-        return self.forward(prompt_ids, ("logits",))[0][-1]
-
-    def decode(self, token_id: int) -> np.ndarray:
-        return self.forward([token_id], ("logits",))[0][-1]

@@ -57,6 +57,11 @@ class SpeculativeDecoder:
         self.drafter, self.shape = drafter, shape
         self.max_seq_len = step.max_seq_len
 
+    def with_tree(self, shape: TreeShape, drafter: Drafter | None = None) -> SpeculativeDecoder:
+        """The same target graphs (and cache) with another tree shape and/or drafter."""
+        return SpeculativeDecoder(self.step, self.verify_graph, self.compact_graph, drafter or self.drafter,
+                                  shape)  # fmt: skip
+
     def _verify(self, root: int, tokens: list[int], parents: list[int], greedy: bool) -> np.ndarray:
         cache = self.step.cache
         inputs = {"tokens": np.asarray([[root, *tokens]], dtype=np.int64),

@@ -46,9 +46,7 @@ def prompts():
 
 
 def with_shape(runtime, shape: TreeShape, drafter=None) -> SpeculativeDecoder:
-    spec = runtime.speculative
-    drafter = drafter or spec.drafter
-    return SpeculativeDecoder(spec.step, spec.verify_graph, spec.compact_graph, drafter, shape)
+    return runtime.speculative.with_tree(shape, drafter)
 
 
 @SETTINGS
