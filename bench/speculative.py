@@ -34,6 +34,7 @@ import skiptree
 from skiptree.models.zoo import fetch
 from skiptree.runtime.device import cpu_model
 from skiptree.runtime.drafters import PromptLookupDrafter
+from skiptree.runtime.generation import generate_tokens
 from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tree import parse_tree
 
@@ -117,20 +118,23 @@ class ArEngine:
         self.name, self.runtime = AR, runtime
 
     def run(self, ids: list[int], max_new_tokens: int) -> dict:
-        out = self.runtime.generate(ids, max_new_tokens=max_new_tokens).result
+        # the step model itself: plain decoding even on a runtime that has a speculative decoder
+        out = generate_tokens(self.runtime.step_model, ids, max_new_tokens,
+                              eos_token_ids=self.runtime.eos_token_ids)  # fmt: skip
         return {"tokens": out.token_ids, "tps": out.tokens_per_second, "per_step": 1.0}
 
 
 class SpecEngine:
     """Prompt lookup over one tree, on the shared graphs of the speculative runtime."""
 
-    def __init__(self, runtime, tree: str):
-        self.name, self.runtime = f"skiptree prompt-lookup {tree}", runtime
+    def __init__(self, runtime, tree: str, drafter=None):
+        drafter = drafter or PromptLookupDrafter()
+        self.name, self.runtime = f"skiptree {drafter.name} {tree}", runtime
         spec, self.clock = runtime.speculative, dict.fromkeys(PROFILE_KEYS, 0.0)
         self.decoder = SpeculativeDecoder(Timed(spec.step, self.clock, "ort_step_s"),
                                           Timed(spec.verify_graph, self.clock, "ort_verify_s"),
                                           Timed(spec.compact_graph, self.clock, "ort_compact_s"),
-                                          PromptLookupDrafter(), parse_tree(tree))  # fmt: skip
+                                          drafter, parse_tree(tree))  # fmt: skip
 
     def run(self, ids: list[int], max_new_tokens: int) -> dict:
         self.clock.update(dict.fromkeys(self.clock, 0.0))

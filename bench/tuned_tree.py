@@ -1,7 +1,9 @@
-"""The tuned tree against preset trees, in one run (SmolLM2-135M, prompt lookup, 1 thread, greedy).
+"""The tuned tree against preset trees, in one run (1 thread, greedy).
 
 Uses the engines and prompt sets of bench/speculative.py; the tuned tree is read from a finished
-`skiptree tune` session (its choice.json is a tree file: it has "parents").
+`skiptree tune` session (its choice.json is a tree file: it has "parents"). SmolLM2-135M with prompt
+lookup by default; with `--artifact` of a draft-model session (e.g. the session's own artifact of
+`skiptree tune qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b`), that drafter on the Qwen code prompts.
 
     .venv/bin/python bench/tuned_tree.py --session SESSION [--artifact ART] [--prompts-per-set 4]
 """
@@ -22,6 +24,7 @@ from skiptree.models.zoo import fetch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
+import qwen_pair  # noqa: E402
 import speculative as bench  # noqa: E402
 
 PRESETS = ("chain:2", "chain:4", "chain:6", "k-ary:2x2", "k-ary:3x2")
@@ -40,19 +43,21 @@ def main() -> None:
         artifact = args.artifact or Path(tmp) / "artifact"
         if not (artifact / "manifest.json").is_file():
             skiptree.compile(fetch("smollm2-135m"), artifact, max_seq_len=512, draft="prompt-lookup")
-        plain = skiptree.load(artifact, threads=1, speculative=False)
-        spec = skiptree.load(artifact, threads=1)
-        prompts = {name: [plain.encode_prompt(p, chat=chat) for p in texts[: args.prompts_per_set]]
-                   for name, (chat, texts) in bench.PROMPT_SETS.items() if name != "chat"}  # fmt: skip
-        tuned = bench.SpecEngine(spec, str(args.session / "choice.json"))
+        spec = skiptree.load(artifact, threads=1)  # one runtime: AR runs its step model directly
+        drafter = spec.speculative.drafter
+        sets = bench.PROMPT_SETS if drafter.name == "prompt-lookup" else {"code": (True, qwen_pair.PROMPTS)}
+        prompts = {name: [spec.encode_prompt(p, chat=chat) for p in texts[: args.prompts_per_set]]
+                   for name, (chat, texts) in sets.items() if name != "chat"}  # fmt: skip
+        tuned = bench.SpecEngine(spec, str(args.session / "choice.json"), drafter)
         tuned.name = f"tuned ({len(choice['parents'])} nodes, depth {choice.get('depth', 0)})"
-        engines = [bench.ArEngine(plain), tuned, *(bench.SpecEngine(spec, tree) for tree in PRESETS)]
+        engines = [bench.ArEngine(spec), tuned, *(bench.SpecEngine(spec, tree, drafter) for tree in PRESETS)]
         runs = bench.measure(engines, prompts, args.max_new_tokens, rounds=1)
     sets = {s: {name: bench.summarise(r, by_engine[bench.AR]) for name, r in by_engine.items()}
             for s, by_engine in runs.items()}  # fmt: skip
     names = [e.name for e in engines[1:]]
     mean_speedup = {n: statistics.mean(sets[s][n]["speedup_vs_ar_median"] for s in sets) for n in names}
-    lines = ["# Tuned tree vs presets (SmolLM2-135M, prompt lookup, 1 thread, greedy, one run)", "",
+    title = f"{choice['target']}, drafter {choice.get('draft', 'prompt-lookup')}"
+    lines = [f"# Tuned tree vs presets ({title}, 1 thread, greedy, one run)", "",
              f"Tuned: parents {choice['parents']}, predicted {choice['predicted_speedup']:.2f}x, measured by "
              f"the tuner {choice['measured_speedup']:.2f}x", "",
              "| tree | " + " | ".join(sets) + " | mean |", "|---|" + "---|" * (len(sets) + 1)]  # fmt: skip
@@ -62,7 +67,8 @@ def main() -> None:
     same = all(r["same_tokens_as_ar"] for by in sets.values() for r in by.values())
     lines += ["", f"Tokens identical to our AR artifact on every prompt: {'yes' if same else 'NO'}."]
     record = {"choice": choice, "sets": sets, "mean_speedup": mean_speedup, "same_tokens": same}
-    peers.save_results("tuned_tree", record, "\n".join(lines) + "\n")
+    name = "tuned_tree" if drafter.name == "prompt-lookup" else f"tuned_tree_{choice['target']}"
+    peers.save_results(name, record, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

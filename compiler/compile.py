@@ -54,8 +54,9 @@ def weights_sha256(folder: Path) -> str:
 def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[str, Any], max_tree: int) -> dict[str, Any]:
     """Prefill + decode a few tokens on both the lowered graph and eager torch; compare."""
     stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
-    lowered = step_model_of(folder, {"graphs": graphs, "speculative": {"max_tree": max_tree}},
-                            SessionConfig(threads=0))  # fmt: skip
+    manifest = {"graphs": graphs, "speculative": {"max_tree": max_tree},
+                "model": {"config": ir.config.to_json()}}  # fmt: skip
+    lowered = step_model_of(folder, manifest, SessionConfig(threads=0))
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
     steps = min(CHECK_TOKENS, ir.max_seq_len - CHECK_TOKENS)
     expected = [stepper.prefill(prompt)]
@@ -120,7 +121,7 @@ def compile_model(
         speculative = None
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree})")
-            speculative = build_drafter(options, tokenizer, building, log)
+            speculative = build_drafter(options, tokenizer, ir.config, building, log)
         phase("writing tokenizer and manifest")
         (building / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:

@@ -12,8 +12,10 @@ import torch
 from skiptree.compiler.lower_onnx import export_onnx
 from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.compiler.trace import trace_model
+from skiptree.models.config import ModelConfig
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
+from skiptree.passes.skip_layers import SELF_PREFIX, parse_self_draft
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import parse_tree
 
@@ -29,13 +31,19 @@ def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_source: str)
         )
 
 
-def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, building: Path,
-                  log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_config: ModelConfig,
+                  building: Path, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     """Compile the drafter into the artifact folder; returns its manifest entry."""
     shape = parse_tree(options.tree)
     entry: dict[str, Any] = {"tree": shape.to_json(), "max_tree": options.max_tree}
     if options.draft in FREE_DRAFTERS:
         return {**entry, "drafter": options.draft}
+    if options.draft.startswith(SELF_PREFIX):  # the graph itself came from the SkipLayers pass
+        spec = parse_self_draft(options.draft)
+        num_layers = target_config.num_layers
+        return {**entry, "drafter": "self", "self_draft": {
+            "spec": str(spec), "kind": spec.kind, "layers": spec.kept(num_layers),
+            "layers_run_share": len(spec.kept(num_layers)) / num_layers}}  # fmt: skip
     folder = resolve_model_dir(options.draft)
     check_same_tokenizer(target_tokenizer, Tokenizer.from_folder(folder), str(options.draft))
     dtype = getattr(torch, options.dtype)

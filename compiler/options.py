@@ -47,9 +47,20 @@ class CompileOptions:
         if self.draft is not None:
             from skiptree.runtime.tree import parse_tree
 
-            if parse_tree(self.tree).size + 1 > self.max_tree:
+            shape = parse_tree(self.tree)
+            if shape.size + 1 > self.max_tree:
                 raise CompileOptionError(f"tree {self.tree} has more than max_tree - 1 = {self.max_tree - 1} "
                                          "nodes", "use a smaller tree or raise max_tree")  # fmt: skip
+            if self.draft.startswith("self:"):
+                from skiptree.passes.skip_layers import parse_self_draft
+                if self.draft == "self:auto":
+                    raise CompileOptionError("--draft self:auto is a search, run by skiptree tune",
+                                             "run skiptree tune MODEL --draft self:auto --session DIR, "
+                                             "then skiptree compile MODEL --tuned DIR")  # fmt: skip
+                parse_self_draft(self.draft)
+                if shape.size != shape.depth:
+                    raise CompileOptionError(f"self-drafts draft chains, not the tree {self.tree}",
+                                             "use --tree chain:K with a self-draft")  # fmt: skip
         max_seq_len = self.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
         if not 2 <= max_seq_len <= context:
             raise CompileOptionError(

@@ -13,11 +13,15 @@ from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pass_manager import Pass
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
 from skiptree.passes.insert_tree_verify import InsertTreeVerify
+from skiptree.passes.skip_layers import SELF_PREFIX, SkipLayers, parse_self_draft
 
 
 def build_pipeline(options: CompileOptions) -> list[Pass]:
     """The passes a compile with these options runs, in order."""
-    structure: list[Pass] = []
-    verification: list[Pass] = [InsertTreeVerify(max_tree=options.max_tree)] if options.draft else []
+    self_draft = parse_self_draft(options.draft) if (options.draft or "").startswith(SELF_PREFIX) else None
+    structure: list[Pass] = [SkipLayers(self_draft)] if self_draft else []
+    # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.
+    first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
+    verification: list[Pass] = [InsertTreeVerify(options.max_tree, first_layer)] if options.draft else []
     cleanup: list[Pass] = [EliminateDeadCode()]
     return [*structure, *verification, *cleanup]

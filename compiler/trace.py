@@ -7,6 +7,8 @@ except for the token count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -16,9 +18,12 @@ from skiptree.models.base import CausalLM
 STEP_INPUTS = ("input_ids", "positions", "attn_bias", "write_slots")
 
 
-def cache_names(num_layers: int) -> list[str]:
-    """Names of the per-layer cache inputs: k0..k{L-1}, then v0..v{L-1}."""
-    return [f"k{i}" for i in range(num_layers)] + [f"v{i}" for i in range(num_layers)]
+def cache_names(layers: int | Sequence[int]) -> list[str]:
+    """Names of the per-layer cache inputs: k{i} for each layer i, then v{i} (all L layers for an int).
+    A graph that runs a subset of layers names its caches by the layers' own indices, so the
+    runtime binds them to the target's buffers of those layers."""
+    layers = range(layers) if isinstance(layers, int) else layers
+    return [f"k{i}" for i in layers] + [f"v{i}" for i in layers]
 
 
 class StepModule(nn.Module):
@@ -59,10 +64,12 @@ def example_step_inputs(model: CausalLM, max_seq_len: int, steps: int = 3) -> tu
     )
 
 
-def example_caches(model: CausalLM, max_seq_len: int) -> tuple[torch.Tensor, ...]:
-    """k0..k{L-1}, v0..v{L-1}: zeroed per-layer caches, each its own tensor (not a view)."""
+def example_caches(model: CausalLM, max_seq_len: int, layers: Sequence[int] | None = None
+                   ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """k{i}, then v{i} for each layer i (default all): zeroed caches, each its own tensor (not a view)."""
     k_cache, v_cache = model.new_kv_cache(1, max_seq_len)
-    return (*(layer.clone() for layer in k_cache.unbind(0)), *(layer.clone() for layer in v_cache.unbind(0)))
+    layers = range(model.config.num_layers) if layers is None else layers
+    return (*(k_cache[i].clone() for i in layers), *(v_cache[i].clone() for i in layers))
 
 
 def _spec(name: str, value: torch.Tensor, dynamic_dims: dict[int, str]) -> TensorSpec:
@@ -77,19 +84,21 @@ def export_with_caches(
     caches: tuple[torch.Tensor, ...],
     outputs: list[TensorSpec],
     max_tokens: int,
+    layers: Sequence[int] | None = None,
 ) -> StepGraph:
     """Export `module(*inputs, *caches) -> (*outputs, *updated caches)` into a `StepGraph`.
 
     `inputs` are (name, example, {dim: "T"}); every dim named "T" is one dynamic token count in
-    [1, max_tokens]. The caches (k0..k{L-1}, v0..v{L-1}) are updated in place and returned.
+    [1, max_tokens]. The caches (k{i}, then v{i}, for `layers`, default all) are updated in place
+    and returned.
     """
     tokens = torch.export.Dim("T", min=1, max=max_tokens)
-    dynamic = {input_name: {dim: tokens for dim in dims} or None for input_name, _, dims in inputs}
-    dynamic["caches"] = (None,) * len(caches)
+    # positional (the forward's argument names may differ from the input names), caches last
+    dynamic = (*({dim: tokens for dim in dims} or None for _, _, dims in inputs), (None,) * len(caches))
     example = (*(value for _, value, _ in inputs), *caches)
     program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic)
-    cache_specs = [_spec(cache, value, {}) for cache, value in zip(cache_names(len(caches) // 2), caches,
-                                                                    strict=True)]  # fmt: skip
+    names = cache_names(layers or len(caches) // 2)
+    cache_specs = [_spec(cache, value, {}) for cache, value in zip(names, caches, strict=True)]
     input_specs = [_spec(input_name, value, dims) for input_name, value, dims in inputs] + cache_specs
     cache_outputs = [TensorSpec(f"{spec.name}_out", spec.dtype, spec.shape) for spec in cache_specs]
     output_specs = [*outputs, *cache_outputs]

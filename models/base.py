@@ -70,6 +70,32 @@ class CausalLM(nn.Module):
         """Our parameter name -> its source in a Hugging Face state dict."""
         raise NotImplementedError
 
+    # The step as layers, so passes can run a subset (SkipLayers) or stop early (InsertEarlyExit):
+    #   x, context = embed_step(ids, positions); x = run_layer(i, x, context, ...) for each i;
+    #   logits = finish(x). `context` is what every layer needs besides x (Llama: rotary cos/sin).
+
+    def embed_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        raise NotImplementedError
+
+    def layer_context(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """What the layers need besides hidden states, for tokens at `positions` [B, T]."""
+        return ()
+
+    def run_layer(self, index: int, x: torch.Tensor, context: tuple, attn_bias: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, write_slots: torch.Tensor
+                  ) -> torch.Tensor:  # fmt: skip
+        """Layer `index` on hidden states x [B, T, H]; writes its K/V for the T tokens in place."""
+        return self.layers[index](x, context, attn_bias, k_cache, v_cache, write_slots)
+
+    def layer_kv(self, index: int, x: torch.Tensor, context: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V [B, Hkv, T, D] layer `index` would write if its input were x (CALM's state
+        propagation computes the K/V of skipped layers this way from an exit's hidden state)."""
+        return self.layers[index].kv(x, context)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head: hidden states [B, T, H] -> logits [B, T, V]."""
+        return self.head(self.norm(x))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -79,7 +105,10 @@ class CausalLM(nn.Module):
         v_cache: torch.Tensor,
         write_slots: torch.Tensor,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        x, context = self.embed_step(input_ids, positions)
+        for i in range(self.config.num_layers):
+            x = self.run_layer(i, x, context, attn_bias, k_cache[i], v_cache[i], write_slots)
+        return self.finish(x)
 
 
 def attend(

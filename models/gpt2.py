@@ -23,12 +23,15 @@ class GPT2Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
+    def qkv_heads(self, x) -> tuple[torch.Tensor, ...]:
         batch, steps, _ = x.shape
-        q, k, v = (
+        return tuple(
             t.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
             for t in self.qkv(x).chunk(3, dim=-1)
         )  # each [B, H, T, D]
+
+    def forward(self, x, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
+        q, k, v = self.qkv_heads(x)
         return self.o(attend(q, k, v, k_cache, v_cache, write_slots, attn_bias))
 
 
@@ -44,7 +47,11 @@ class GPT2Layer(nn.Module):
         self.proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.activation = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
+    def kv(self, x, context) -> tuple[torch.Tensor, torch.Tensor]:
+        _, k, v = self.attn.qkv_heads(self.attn_norm(x))
+        return k, v
+
+    def forward(self, x, context, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), attn_bias, k_cache, v_cache, write_slots)
         return x + self.proj(self.activation(self.fc(self.mlp_norm(x))))
 
@@ -63,11 +70,8 @@ class GPT2(CausalLM):
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, input_ids, positions, attn_bias, k_cache, v_cache, write_slots):
-        x = self.embed(input_ids) + self.position_embed(positions)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, attn_bias, k_cache[i], v_cache[i], write_slots)
-        return self.head(self.norm(x))
+    def embed_step(self, input_ids, positions):
+        return self.embed(input_ids) + self.position_embed(positions), ()
 
     def hf_weights(self) -> dict[str, WeightSpec]:
         specs = {

@@ -67,14 +67,18 @@ class LlamaAttention(nn.Module):
         self.v = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.o = nn.Linear(q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
+    def kv(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """k (rotated), v: [B, Hkv, T, D] of normed hidden states x."""
         batch, steps, _ = x.shape
-        # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
-        q = self.q(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q = self.q(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        k, v = self.kv(x, cos, sin)
         return self.o(attend(q, k, v, k_cache, v_cache, write_slots, attn_bias))
 
 
@@ -99,8 +103,11 @@ class LlamaLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_bias, k_cache, v_cache, write_slots)
+    def kv(self, x, context) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attn.kv(self.attn_norm(x), *context)
+
+    def forward(self, x, context, attn_bias, k_cache, v_cache, write_slots) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), *context, attn_bias, k_cache, v_cache, write_slots)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -129,12 +136,12 @@ class Llama(CausalLM):
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, input_ids, positions, attn_bias, k_cache, v_cache, write_slots):
+    def embed_step(self, input_ids, positions):
         x = self.embed(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_bias, k_cache[i], v_cache[i], write_slots)
-        return self.head(self.norm(x))
+        return x, self.layer_context(positions, x.dtype)
+
+    def layer_context(self, positions, dtype):
+        return self.rotary(positions, dtype)
 
     def hf_weights(self) -> dict[str, WeightSpec]:
         names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}

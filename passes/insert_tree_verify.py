@@ -44,14 +44,19 @@ def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
 
 
 class TreeVerifyModule(nn.Module):
-    """verify(tokens, parents, prefix_len, *caches) -> (next_ids, logits, *caches)."""
+    """verify(tokens, parents, prefix_len, *caches) -> (next_ids, logits, *caches).
 
-    def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int):
+    With `first_layer` E > 0 it runs layers E..L-1 only and its first input is `hidden [1, T, H]`,
+    the residual stream after layer E-1 (from a prefix-exit self-draft that ran layers < E for these
+    tokens and cached their K/V): verification does not compute those layers again (LayerSkip).
+    """
+
+    def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int, first_layer: int = 0):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
         self.squarings = max(1, math.ceil(math.log2(max_tree)))
-        self.num_layers = model.config.num_layers
+        self.layers = list(range(first_layer, model.config.num_layers))
 
     def forward(self, tokens, parents, prefix_len, *caches):
         steps = tokens.shape[1]
@@ -66,8 +71,14 @@ class TreeVerifyModule(nn.Module):
         # where(), not (1 - visible) * min: min(float64) is -inf in float32, and 0 * -inf is NaN
         zero = torch.zeros((), dtype=dtype)
         bias = torch.where(visible > 0, zero, torch.full((), mask_value(dtype), dtype=dtype))[None, None]
-        k_cache, v_cache = caches[: self.num_layers], caches[self.num_layers :]
-        logits = self.model(tokens, positions, bias, k_cache, v_cache, write_slots)
+        count = len(self.layers)
+        if self.layers[0] == 0:
+            x, context = self.model.embed_step(tokens, positions)
+        else:
+            x, context = tokens, self.model.layer_context(positions, dtype)
+        for j, layer in enumerate(self.layers):
+            x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
+        logits = self.model.finish(x)
         return (logits.argmax(-1)[0], logits, *caches)
 
 
@@ -89,23 +100,32 @@ class InsertTreeVerify(Pass):
 
     Requires: the IR of a model (any family). Guarantees: the "step" graph is untouched; "verify"
     and "compact" share its cache layout, so one set of cache buffers serves all three.
+    With `first_layer` E > 0 (a prefix-exit self-draft), "verify" takes `hidden` instead of `tokens`
+    and has caches for layers E..L-1 only (see `TreeVerifyModule`).
     """
 
     max_tree: int = 64
+    first_layer: int = 0
     name = "InsertTreeVerify"
 
     def run(self, ir: ModelIR) -> PassResult:
         model, max_len = ir.model, ir.max_seq_len
         max_tree = min(self.max_tree, max_len)
-        caches = example_caches(model, max_len)
+        layers = list(range(self.first_layer, ir.config.num_layers))
+        caches = example_caches(model, max_len, layers)
         dtype = str(caches[0].dtype).removeprefix("torch.")
-        example = [("tokens", torch.zeros(1, 3, dtype=torch.int64), {1: "T"}),
+        if self.first_layer:
+            first = ("hidden", torch.zeros(1, 3, ir.config.hidden_size, dtype=caches[0].dtype), {1: "T"})
+        else:
+            first = ("tokens", torch.zeros(1, 3, dtype=torch.int64), {1: "T"})
+        example = [first,
                    ("parents", torch.tensor([0, 0, 1]), {0: "T"}),
                    ("prefix_len", torch.tensor([1]), {})]  # fmt: skip
         outputs = [TensorSpec("next_ids", "int64", ("T",)),
                    TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size))]  # fmt: skip
-        verify = TreeVerifyModule(model, max_len, max_tree)
-        ir.graphs["verify"] = export_with_caches("verify", verify, example, caches, outputs, max_tree)
+        verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer)
+        ir.graphs["verify"] = export_with_caches("verify", verify, example, caches, outputs, max_tree, layers)
+        caches = example_caches(model, max_len)  # compaction moves every layer's K/V
         moves = [("from_slots", torch.tensor([3, 4, 5]), {0: "T"}),
                  ("to_slots", torch.tensor([1, 2, 3]), {0: "T"})]
         ir.graphs["compact"] = export_with_caches("compact", CompactModule(), moves, caches, [], max_tree)

@@ -13,6 +13,7 @@ from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
 from skiptree.runtime.onnx_step import KVCache, OnnxGraph, OnnxStepModel, SessionConfig, VerifyStepModel
 from skiptree.runtime.sampling import SamplingConfig
+from skiptree.runtime.self_draft import SelfDrafter, SplitStepModel
 from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import TreeShape
@@ -43,14 +44,18 @@ class Runtime(TextGenerator):
         self.speculative = self._speculative_decoder(spec) if spec and speculative else None
 
     def _graph(self, name: str) -> OnnxGraph:
-        if name == "verify" and isinstance(self.step_model, VerifyStepModel):
+        if name == "verify" and isinstance(self.step_model, VerifyStepModel | SplitStepModel):
             return self.step_model.graph  # one session (one copy of the weights) serves both
+        if name == "self_draft" and isinstance(self.step_model, SplitStepModel):
+            return self.step_model.draft_graph
         return OnnxGraph(self.folder / self.manifest["graphs"][name]["file"], self.step_model.cache,
                          self.session_config)  # fmt: skip
 
     def _drafter(self, spec: dict[str, Any]) -> Drafter:
         if spec["drafter"] == "prompt-lookup":
             return PromptLookupDrafter()
+        if spec["drafter"] == "self":
+            return SelfDrafter(self._graph("self_draft"), spec["self_draft"]["kind"] == "exit")
         draft = spec["draft_model"]
         cache = KVCache(draft["signature"])
         return DraftModelDrafter(OnnxStepModel(self.folder / draft["file"], draft["signature"],
@@ -80,9 +85,13 @@ def step_model_of(folder: Path, manifest: dict[str, Any], config: SessionConfig)
     graphs = manifest["graphs"]
     if "step" in graphs:
         return OnnxStepModel(folder / graphs["step"]["file"], graphs["step"]["signature"], config)
-    verify = graphs["verify"]
+    verify, max_tree = graphs["verify"], manifest["speculative"]["max_tree"]
+    if "self_draft" in graphs and verify["signature"]["inputs"][0]["name"] == "hidden":  # a prefix exit
+        cache = KVCache(verify["signature"], num_layers=manifest["model"]["config"]["num_layers"])
+        draft = OnnxGraph(folder / graphs["self_draft"]["file"], cache, config)
+        return SplitStepModel(draft, OnnxGraph(folder / verify["file"], cache, config), max_tree)
     graph = OnnxGraph(folder / verify["file"], KVCache(verify["signature"]), config)
-    return VerifyStepModel(graph, manifest["speculative"]["max_tree"])
+    return VerifyStepModel(graph, max_tree)
 
 
 def is_artifact(path: Path) -> bool:

@@ -23,6 +23,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)  # -1 = root
     child_probs: list[np.ndarray | None] = field(default_factory=lambda: [None])  # per verify node
+    hidden: np.ndarray | None = None  # [1 + n, H]: a prefix-exit self-draft's states, root first
 
     def add(self, token: int, parent: int) -> int:
         self.tokens.append(token)
@@ -84,6 +85,14 @@ class PromptLookupDrafter:
         return draft
 
 
+def common_prefix(first: list[int], second: list[int], limit: int) -> int:
+    """Length of the longest common prefix of two sequences, at most `limit`."""
+    length = 0
+    while length < limit and length < len(first) and length < len(second) and first[length] == second[length]:
+        length += 1
+    return length
+
+
 class DraftModelDrafter:
     """A small model with the same tokenizer drafts the tree level by level on its own KV cache:
     greedy takes the top-W tokens per node, sampling draws W without replacement from q."""
@@ -92,6 +101,7 @@ class DraftModelDrafter:
 
     def __init__(self, model: OnnxStepModel):
         self.model = model
+        self.cached: list[int] = []  # the tokens whose K/V the draft cache holds in slots 0..
 
     def _children_tokens(self, logits: np.ndarray, count: int, sampling: SamplingConfig,
                          rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:  # fmt: skip
@@ -103,9 +113,12 @@ class DraftModelDrafter:
 
     def propose(self, context, shape, sampling, rng) -> Draft:
         cache, model = self.model.cache, self.model
-        start = min(cache.length, len(context) - 1)
-        cache.length = start  # the draft's scratch tree slots from the last step are dropped
+        # Reuse the cached prefix the context shares (a new prompt shares little or nothing); the
+        # draft's scratch tree slots from the last step are dropped with the rest.
+        start = common_prefix(self.cached, context, min(cache.length, len(context) - 1))
+        cache.length = start
         logits = model.forward(context[start:], ("logits",))[0][-1]  # catch up, ending at the root
+        self.cached = list(context)
         root_slot = len(context) - 1
         children = shape.children()
         draft = Draft()

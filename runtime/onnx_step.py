@@ -50,9 +50,11 @@ def _is_cache(name: str) -> bool:
 class KVCache:
     """The K and V buffers of one model, `[L, B, Hkv, S, D]`, and how many slots are filled."""
 
-    def __init__(self, signature: dict):
+    def __init__(self, signature: dict, num_layers: int | None = None):
+        """Shaped like the cache inputs of a graph's `signature`; `num_layers` when the graph runs
+        only some of the model's layers."""
         specs = [spec for spec in signature["inputs"] if _is_cache(spec["name"])]
-        self.num_layers = len(specs) // 2
+        self.num_layers = num_layers or len(specs) // 2
         self.layer_shape = [int(d) for d in specs[0]["shape"]]  # [B, Hkv, S, D]
         self.max_seq_len = self.layer_shape[2]
         self.dtype = np.dtype(specs[0]["dtype"])
@@ -67,13 +69,16 @@ class KVCache:
 
 
 class OnnxGraph:
-    """One ORT session whose cache inputs/outputs are bound to a shared `KVCache`."""
+    """One ORT session whose cache inputs/outputs are bound to a shared `KVCache`. A graph that runs
+    some layers only (a self-draft, a verify graph from an exit layer) binds those layers' buffers."""
 
     def __init__(self, path: Path, cache: KVCache, config: SessionConfig):
         self.session = make_session(path, config)
+        self.session_inputs = [spec.name for spec in self.session.get_inputs()]
         self.cache = cache
         self.binding = self.session.io_binding()
-        for name, buffer in cache.layers():
+        self.cache_layers = [(name, buffer) for name, buffer in cache.layers() if name in self.session_inputs]
+        for name, buffer in self.cache_layers:
             self.binding.bind_input(name, "cpu", 0, cache.dtype, cache.layer_shape, buffer.ctypes.data)
 
     def run(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
@@ -82,13 +87,13 @@ class OnnxGraph:
             self.binding.bind_cpu_input(name, value)
         # Re-bound every call: ORT keeps the previous run's output shapes otherwise.
         self.binding.clear_binding_outputs()
-        for name, buffer in self.cache.layers():
+        for name, buffer in self.cache_layers:
             self.binding.bind_output(f"{name}_out", "cpu", 0, self.cache.dtype, self.cache.layer_shape,
                                      buffer.ctypes.data)  # fmt: skip
         for name in outputs:
             self.binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(self.binding)
-        fetched = self.binding.get_outputs()[2 * self.cache.num_layers :]  # binding order
+        fetched = self.binding.get_outputs()[len(self.cache_layers) :]  # binding order
         return [value.numpy() for value in fetched]
 
 

@@ -62,11 +62,15 @@ class SpeculativeDecoder:
         return SpeculativeDecoder(self.step, self.verify_graph, self.compact_graph, drafter or self.drafter,
                                   shape)  # fmt: skip
 
-    def _verify(self, root: int, tokens: list[int], parents: list[int], greedy: bool) -> np.ndarray:
+    def _verify(self, root: int, tokens: list[int], parents: list[int], greedy: bool,
+                hidden: np.ndarray | None) -> np.ndarray:  # fmt: skip
         cache = self.step.cache
         inputs = {"tokens": np.asarray([[root, *tokens]], dtype=np.int64),
                   "parents": np.asarray([0, *(p + 1 for p in parents)], dtype=np.int64),
                   "prefix_len": np.asarray([cache.length], dtype=np.int64)}  # fmt: skip
+        if hidden is not None:  # a prefix-exit self-draft: verification starts at its exit layer
+            del inputs["tokens"]
+            inputs["hidden"] = hidden[None, : len(tokens) + 1]
         if greedy:
             return self.verify_graph.run(inputs, ("next_ids",))[0]
         return self.verify_graph.run(inputs, ("logits",))[0][0]
@@ -95,7 +99,7 @@ class SpeculativeDecoder:
         else:
             full = [root, *tokens]
             children = children_of([0, *(p + 1 for p in parents)])
-            target = self._verify(root, tokens, parents, greedy=not sampling.do_sample)
+            target = self._verify(root, tokens, parents, not sampling.do_sample, draft.hidden)
             if sampling.do_sample:
                 probs = np.stack([sampling_probabilities(row, sampling) for row in target])
                 result = accept_sampling(full, children, probs, draft.child_probs[: keep + 1], rng)

@@ -113,3 +113,16 @@ def test_sampled_speculative_decoding_is_seeded(pair_artifact):
     one = speculative.generate([2, 3], seed=1, **kwargs).token_ids
     assert one == speculative.generate([2, 3], seed=1, **kwargs).token_ids
     assert one != speculative.generate([2, 3], seed=2, **kwargs).token_ids
+
+
+def test_draft_model_drafts_a_new_prompt_from_its_own_prefix(pair_artifact):
+    """After one sequence, the draft model's cache holds that sequence: a new prompt must not reuse it."""
+    speculative, _ = pair_artifact
+    decoder = with_shape(speculative, k_ary(2, 2))
+    drafter, sampling = decoder.drafter, skiptree.runtime.sampling.SamplingConfig()
+    second = [7, 8, 9, 10, 11, 12]
+    drafter.propose([1, 2, 3, 4, 5, 6, 7, 8, 9], decoder.shape, sampling, None)
+    after_other = drafter.propose(second, decoder.shape, sampling, None)
+    drafter.cached, drafter.model.cache.length = [], 0  # as freshly loaded
+    fresh = drafter.propose(second, decoder.shape, sampling, None)
+    assert after_other.tokens == fresh.tokens

@@ -1,0 +1,144 @@
+"""SkipLayers: a self-draft graph made of some of the target's own layers (self-speculation).
+
+Two kinds, named the way `--draft` takes them:
+  self:exit=E       prefix exit (LayerSkip): layers 0..E-1, then the final norm and the head. The
+                    K/V it writes for those layers are exactly the target's (same layers, same
+                    inputs), so they stay in the cache and verification starts at layer E from the
+                    hidden states the draft returns (`InsertTreeVerify(first_layer=E)`).
+  self:skip=4-9,15  skip set (Draft&Verify, SWIFT): every layer but the listed ones (indices,
+                    inclusive ranges). Layers after a skipped one see a different residual stream,
+                    so the K/V it writes are scratch: they land in the draft slots, which the full
+                    verification overwrites.
+Either way the draft graph reads and writes the target's cache buffers of the layers it runs, and
+decoding stays lossless: every emitted token is the full target's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
+from skiptree.compiler.pass_manager import Pass, PassResult
+from skiptree.compiler.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
+from skiptree.errors import SkiptreeError
+from skiptree.models.base import CausalLM
+
+SELF_PREFIX = "self:"
+
+
+class SelfDraftError(SkiptreeError):
+    """A self-draft spec that names no usable layer set."""
+
+
+@dataclass(frozen=True)
+class SelfDraftSpec:
+    """Which of the target's layers a self-draft runs: `kind` "exit" (layers 0..exit-1) or "skip"."""
+
+    kind: str
+    exit_layer: int = 0  # kind "exit"
+    skipped: tuple[int, ...] = ()  # kind "skip"
+
+    def kept(self, num_layers: int) -> list[int]:
+        if self.kind == "exit":
+            return list(range(self.exit_layer))
+        return [i for i in range(num_layers) if i not in self.skipped]
+
+    def __str__(self) -> str:
+        if self.kind == "exit":
+            return f"self:exit={self.exit_layer}"
+        return f"self:skip={format_layers(self.skipped)}"
+
+    def check(self, num_layers: int) -> SelfDraftSpec:
+        """Refuse layer sets that do not fit a model with `num_layers` layers."""
+        if self.kind == "exit" and not 1 <= self.exit_layer < num_layers:
+            raise SelfDraftError(f"self:exit={self.exit_layer} is outside 1..{num_layers - 1} "
+                                 f"(the model has {num_layers} layers)",
+                                 "pick an exit layer in that range")  # fmt: skip
+        bad = [i for i in self.skipped if not 0 <= i < num_layers]
+        if bad or (self.kind == "skip" and len(self.skipped) >= num_layers):
+            raise SelfDraftError(f"self:skip={format_layers(self.skipped)} does not fit {num_layers} layers",
+                                 f"skip some, not all, of the layers 0..{num_layers - 1}")  # fmt: skip
+        return self
+
+
+def format_layers(layers: tuple[int, ...]) -> str:
+    """(4, 5, 6, 9) -> "4-6,9"."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+def parse_self_draft(text: str) -> SelfDraftSpec:
+    """"self:exit=8" or "self:skip=4-9,15" -> SelfDraftSpec (layer ranges inclusive)."""
+    usage = "write --draft self:exit=E or self:skip=4-9,15 (layer indices, inclusive ranges) or self:auto"
+    body = text.removeprefix(SELF_PREFIX)
+    kind, _, value = body.partition("=")
+    try:
+        if kind == "exit":
+            return SelfDraftSpec("exit", exit_layer=int(value))
+        if kind == "skip":
+            layers: set[int] = set()
+            for part in value.split(","):
+                low, _, high = part.partition("-")
+                layers.update(range(int(low), int(high or low) + 1))
+            if layers:
+                return SelfDraftSpec("skip", skipped=tuple(sorted(layers)))
+    except ValueError:
+        pass
+    raise SelfDraftError(f"cannot read the self-draft '{text}'", usage)
+
+
+class LayerSubsetModule(nn.Module):
+    """draft(input_ids, positions, attn_bias, write_slots, *caches of `layers`)
+    -> (logits, next_ids, hidden, *caches): the step contract over some layers only; `hidden` is
+    the residual stream after the last of them (before the final norm)."""
+
+    def __init__(self, model: CausalLM, layers: list[int]):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids, positions, attn_bias, write_slots, *caches):
+        count = len(self.layers)
+        x, context = self.model.embed_step(input_ids, positions)
+        for j, layer in enumerate(self.layers):
+            x = self.model.run_layer(layer, x, context, attn_bias, caches[j], caches[count + j], write_slots)
+        logits = self.model.finish(x)
+        return (logits, logits.argmax(-1), x, *caches)
+
+
+@dataclass(frozen=True)
+class SkipLayers(Pass):
+    """Add the "self_draft" graph: the target's step restricted to `spec`'s layers.
+
+    Requires: the IR of a model (any family with the layer API of `CausalLM`). Guarantees: the
+    other graphs are untouched; "self_draft" has the step graph's inputs and caches named k{i}/v{i}
+    by the target's layer indices (so the runtime binds the target's own buffers), and outputs
+    `logits`, `next_ids` and `hidden [1, T, H]`.
+    """
+
+    spec: SelfDraftSpec
+    name = "SkipLayers"
+
+    def run(self, ir: ModelIR) -> PassResult:
+        self.spec.check(ir.config.num_layers)
+        layers = self.spec.kept(ir.config.num_layers)
+        example = example_step_inputs(ir.model, ir.max_seq_len)
+        caches = example_caches(ir.model, ir.max_seq_len, layers)
+        dims = ({1: "T"}, {1: "T"}, {2: "T"}, {0: "T"})
+        inputs = [(name, value, dim) for name, value, dim in zip(STEP_INPUTS, example[:4], dims, strict=True)]
+        dtype = str(caches[0].dtype).removeprefix("torch.")
+        outputs = [TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
+                   TensorSpec("next_ids", "int64", (1, "T")),
+                   TensorSpec("hidden", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
+        module = LayerSubsetModule(ir.model, layers)
+        ir.graphs["self_draft"] = export_with_caches("self_draft", module, inputs, caches, outputs,
+                                                     ir.max_seq_len, layers)  # fmt: skip
+        ir.blocks = build_block_view(ir.config, ir.graphs)
+        return PassResult(ir, True)
+
