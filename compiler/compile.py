@@ -21,16 +21,19 @@ import torch
 
 import skiptree
 from skiptree.compiler.draft import build_drafter
+from skiptree.compiler.early_exit import calibrate_early_exit
 from skiptree.compiler.ir import ModelIR
 from skiptree.compiler.lower_onnx import lower_to_onnx
 from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.compiler.pass_manager import PassManager
 from skiptree.compiler.pipeline import build_pipeline
 from skiptree.compiler.trace import trace_model
+from skiptree.compiler.tuner import CALIBRATION_PROMPTS
 from skiptree.models.gguf_convert import atomic_folder
 from skiptree.models.loader import load_model, weight_files
 from skiptree.models.reference import ReferenceStepper
 from skiptree.models.source import resolve_model_dir
+from skiptree.passes.insert_early_exit import parse_early_exit
 from skiptree.runtime.artifact import step_model_of
 from skiptree.runtime.device import device_description, device_fingerprint
 from skiptree.runtime.generator import read_eos_token_ids
@@ -122,6 +125,17 @@ def compile_model(
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree})")
             speculative = build_drafter(options, tokenizer, ir.config, building, log)
+        early_exit = None
+        if options.early_exit:
+            phase(f"calibrating early exit ({options.early_exit}) on the full model's own continuations")
+            spec = parse_early_exit(options.early_exit).resolved(ir.config.num_layers)
+            texts = options.calibration_prompts or CALIBRATION_PROMPTS
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}])
+                       if tokenizer.chat_template else tokenizer.encode(text) for text in texts]  # fmt: skip
+            early_exit = calibrate_early_exit(model, prompts, spec, log=log)
+            log(f"         threshold {early_exit['threshold']:.4f}: agreement {early_exit['agreement']:.3f}, "
+                f"mean layers {early_exit['mean_layers']:.1f} of {ir.config.num_layers} "
+                f"on {early_exit['calibration_positions']} positions")
         phase("writing tokenizer and manifest")
         (building / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
@@ -143,6 +157,7 @@ def compile_model(
                          for r in ir.passes_run],
             "check": check,
             "speculative": speculative,
+            "early_exit": early_exit,
             "dtype": options.dtype,
             "torch_version": torch.__version__,
         })  # fmt: skip

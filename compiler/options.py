@@ -33,6 +33,8 @@ class CompileOptions:
     tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
+    early_exit: str | None = None  # "min-agreement=0.95[,exits=8+16][,gate=softmax]": lossy (CALM)
+    calibration_prompts: tuple[str, ...] = ()  # for early exit; () = the tuner's built-in prompts
 
     def validate(self, context: int) -> CompileOptions:
         """Check against the model's context; returns the options with max_seq_len resolved."""
@@ -61,6 +63,13 @@ class CompileOptions:
                 if shape.size != shape.depth:
                     raise CompileOptionError(f"self-drafts draft chains, not the tree {self.tree}",
                                              "use --tree chain:K with a self-draft")  # fmt: skip
+        if self.early_exit is not None:
+            from skiptree.passes.insert_early_exit import parse_early_exit
+            parse_early_exit(self.early_exit)
+            if self.draft is not None:
+                raise CompileOptionError(
+                    "--early-exit and --draft together are not supported",
+                    "early exit is a (lossy) decoding mode of its own: drop one")  # fmt: skip
         max_seq_len = self.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
         if not 2 <= max_seq_len <= context:
             raise CompileOptionError(

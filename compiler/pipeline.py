@@ -12,6 +12,7 @@ from __future__ import annotations
 from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pass_manager import Pass
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
+from skiptree.passes.insert_early_exit import InsertEarlyExit, parse_early_exit
 from skiptree.passes.insert_tree_verify import InsertTreeVerify
 from skiptree.passes.skip_layers import SELF_PREFIX, SkipLayers, parse_self_draft
 
@@ -20,6 +21,8 @@ def build_pipeline(options: CompileOptions) -> list[Pass]:
     """The passes a compile with these options runs, in order."""
     self_draft = parse_self_draft(options.draft) if (options.draft or "").startswith(SELF_PREFIX) else None
     structure: list[Pass] = [SkipLayers(self_draft)] if self_draft else []
+    if options.early_exit:
+        structure.append(InsertEarlyExit(parse_early_exit(options.early_exit)))
     # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.
     first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
     verification: list[Pass] = [InsertTreeVerify(options.max_tree, first_layer)] if options.draft else []

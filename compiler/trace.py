@@ -92,7 +92,7 @@ def export_with_caches(
     [1, max_tokens]. The caches (k{i}, then v{i}, for `layers`, default all) are updated in place
     and returned.
     """
-    tokens = torch.export.Dim("T", min=1, max=max_tokens)
+    tokens = torch.export.Dim("T", min=1, max=max(max_tokens, 2))  # unused by static graphs
     # positional (the forward's argument names may differ from the input names), caches last
     dynamic = (*({dim: tokens for dim in dims} or None for _, _, dims in inputs), (None,) * len(caches))
     example = (*(value for _, value, _ in inputs), *caches)

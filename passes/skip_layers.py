@@ -75,7 +75,7 @@ def format_layers(layers: tuple[int, ...]) -> str:
 
 
 def parse_self_draft(text: str) -> SelfDraftSpec:
-    """"self:exit=8" or "self:skip=4-9,15" -> SelfDraftSpec (layer ranges inclusive)."""
+    """ "self:exit=8" or "self:skip=4-9,15" -> SelfDraftSpec (layer ranges inclusive)."""
     usage = "write --draft self:exit=E or self:skip=4-9,15 (layer indices, inclusive ranges) or self:auto"
     body = text.removeprefix(SELF_PREFIX)
     kind, _, value = body.partition("=")
@@ -141,4 +141,3 @@ class SkipLayers(Pass):
                                                      ir.max_seq_len, layers)  # fmt: skip
         ir.blocks = build_block_view(ir.config, ir.graphs)
         return PassResult(ir, True)
-

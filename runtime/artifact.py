@@ -8,6 +8,7 @@ from typing import Any
 
 from skiptree.errors import ModelSourceError
 from skiptree.runtime.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter
+from skiptree.runtime.early_exit import NEVER, EarlyExitStepModel
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
@@ -70,19 +71,30 @@ class Runtime(TextGenerator):
                       eos: Sequence[int], seed: int | None,
                       on_token: Callable[[int], None] | None) -> GenerationResult:  # fmt: skip
         if self.speculative is None:
-            return super().decode_tokens(prompt_ids, max_new_tokens, sampling, eos, seed, on_token)
+            result = super().decode_tokens(prompt_ids, max_new_tokens, sampling, eos, seed, on_token)
+            if isinstance(self.step_model, EarlyExitStepModel):
+                result.layers_run = list(self.step_model.layers_run)
+            return result
         return self.speculative.generate(prompt_ids, max_new_tokens, sampling, eos, seed, on_token)
 
     @property
     def description(self) -> str:
         backend, spec = self.manifest["backend"], self.manifest.get("speculative")
         mode = f", speculative: {spec['drafter']} {spec['tree']['spec']}" if self.speculative else ""
+        if early := self.manifest.get("early_exit"):
+            mode = (f", early exit (LOSSY): gate {early['gate']} at layers {early['exits']}, calibrated "
+                    f"agreement {early['agreement']:.3f} with the full model, {early['mean_layers']:.1f} of "
+                    f"{early['num_layers']} layers on average")  # fmt: skip
         return f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}{mode}"
 
 
 def step_model_of(folder: Path, manifest: dict[str, Any], config: SessionConfig):
     """The artifact's step model: its "step" graph, or its verify graph when it has no step graph."""
     graphs = manifest["graphs"]
+    if "exit_step" in graphs:
+        threshold = (manifest.get("early_exit") or {}).get("threshold", NEVER)
+        return EarlyExitStepModel(folder / graphs["step"]["file"], graphs["step"]["signature"],
+                                  folder / graphs["exit_step"]["file"], threshold, config)  # fmt: skip
     if "step" in graphs:
         return OnnxStepModel(folder / graphs["step"]["file"], graphs["step"]["signature"], config)
     verify, max_tree = graphs["verify"], manifest["speculative"]["max_tree"]

@@ -38,6 +38,11 @@ class GenerationResult:
     stop_reason: str = "length"  # "eos" or "length"
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # time of the decode steps (every token after the first)
+    layers_run: list[int] | None = None  # early exit: layers each decode step ran (lossy mode)
+
+    @property
+    def mean_layers(self) -> float | None:
+        return float(sum(self.layers_run) / len(self.layers_run)) if self.layers_run else None
 
     @property
     def tokens_per_second(self) -> float:

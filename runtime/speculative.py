@@ -63,7 +63,7 @@ class SpeculativeDecoder:
                                   shape)  # fmt: skip
 
     def _verify(self, root: int, tokens: list[int], parents: list[int], greedy: bool,
-                hidden: np.ndarray | None) -> np.ndarray:  # fmt: skip
+                hidden: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         cache = self.step.cache
         inputs = {"tokens": np.asarray([[root, *tokens]], dtype=np.int64),
                   "parents": np.asarray([0, *(p + 1 for p in parents)], dtype=np.int64),

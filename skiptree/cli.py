@@ -31,6 +31,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file, separated by blank lines."""
+    if not path.is_file():
+        raise SkiptreeError(f"prompt file {path} does not exist", "pass a text file of prompts separated "
+                            "by blank lines")  # fmt: skip
+    return [text for text in path.read_text().split("\n\n") if text.strip()]
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from skiptree.compiler.compile import compile_model
     from skiptree.compiler.options import CompileOptions
@@ -45,6 +53,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         verify=args.verify,
         draft=args.draft,
         tree=args.tree,
+        early_exit=args.early_exit,
+        calibration_prompts=tuple(read_prompts(args.calibration)) if args.calibration else (),
     )
     if args.tuned is not None:
         from skiptree.compiler.compile import weights_sha256
@@ -59,9 +69,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from skiptree.compiler.tune import tune
 
-    prompts = None
-    if args.prompts:
-        prompts = [line for line in args.prompts.read_text().split("\n\n") if line.strip()]
+    prompts = read_prompts(args.prompts) if args.prompts else None
     choice = tune(args.model, args.session, draft=args.draft, prompts=prompts, max_seq_len=args.max_seq_len,
                   threads=args.threads, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature)  # fmt: skip
@@ -142,14 +150,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with open(args.stats, "w") as log:
             for number, step in enumerate(getattr(result, "steps", []), start=1):
                 log.write(json.dumps({"step": number, **step.__dict__}) + "\n")
+    lossy = result.layers_run is not None
+    agreement = None
+    if lossy:  # one full-model pass over the output: how often early exit chose differently
+        agreement = generator.step_model.full_model_agreement(result.prompt_ids, result.token_ids)
     if args.json:
-        print(json.dumps({**output.to_json(), "engine": _engine(generator)}, ensure_ascii=False))
+        extra = {"agreement": None if agreement is None else round(agreement, 4)} if lossy else {}
+        print(json.dumps({**output.to_json(), **extra, "engine": _engine(generator)}, ensure_ascii=False))
     else:
         print()
         accepted = f"; {result.mean_accepted:.2f} tokens per target step" if hasattr(result, "steps") else ""
         _log(f"[{len(result.token_ids)} tokens, stopped at {result.stop_reason}; "
              f"decode {result.tokens_per_second:.1f} tok/s; prefill {result.prefill_seconds:.3f} s "
              f"for {len(result.prompt_ids)} prompt tokens{accepted}]")
+        if lossy:
+            measured = "n/a" if agreement is None else f"{agreement:.3f}"
+            _log(f"[early exit is LOSSY: {result.mean_layers:.1f} layers per token on average; this output "
+                 f"agrees with the full model's choice on {measured} of its decoded tokens]")
     return 0
 
 
@@ -180,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--draft", default=None,
                       help="speculative decoding: prompt-lookup, or a draft model (same tokenizer)")
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
+    comp.add_argument("--early-exit", default=None, metavar="min-agreement=0.95[,exits=8+16][,gate=softmax]",
+                      help="LOSSY early exit (CALM), calibrated to this agreement with the full model; "
+                           "gate softmax|margin|cosine")  # fmt: skip
+    comp.add_argument("--calibration", type=Path, default=None,
+                      help="early-exit calibration prompts (text file, blank-line separated)")
     comp.add_argument("--tuned", type=Path, default=None,
                       help="use a finished tuning session's choice (drafter and tree, or plain)")
     comp.add_argument("--force", action="store_true",
