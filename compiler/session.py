@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,15 @@ class TuneSession:
             handle.flush()
             os.fsync(handle.fileno())
         self.records[(kind, key)] = value
+
+    def measure(self, kind: str, key: str, take: Callable[[], Any], log: Callable[[str], None]) -> Any:
+        """The stored measurement, or `take()` it now and store it (a rerun resumes here)."""
+        value = self.get(kind, key)
+        if value is None:
+            log(f"  measuring {kind} {key}")
+            value = take()
+            self.put(kind, key, value)
+        return value
 
     def write_choice(self, choice: dict[str, Any]) -> None:
         tmp = self.folder / f".{CHOICE}.tmp"

@@ -52,6 +52,12 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
          ) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) a tuning session; returns the choice it wrote."""
     session_dir = Path(session_dir)
+    if draft == "self:auto":
+        from skiptree.compiler.tune_self import tune_self_draft
+
+        device, fingerprint = this_device()
+        return tune_self_draft(target, session_dir, fingerprint, device, prompts, max_seq_len, prefix,
+                               max_new_tokens, threads, log)  # fmt: skip
     prompts = list(prompts or CALIBRATION_PROMPTS)
     prefix = min(prefix, max_seq_len // 2)  # room for the largest verify tree after the prefix
     device, fingerprint = this_device()
@@ -65,12 +71,7 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
     runtime = Runtime(artifact, threads=threads)
 
     def measured(kind: str, key: str, take: Callable[[], Any]) -> Any:
-        value = session.get(kind, key)
-        if value is None:
-            log(f"  measuring {kind} {key}")
-            value = take()
-            session.put(kind, key, value)
-        return value
+        return session.measure(kind, key, take, log)
 
     decode_ms = measured("decode_ms", f"prefix={prefix}", lambda: measure_decode_ms(runtime, prefix))
     verify_ms = {n: measured("verify_ms", f"n={n},prefix={prefix}",

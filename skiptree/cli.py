@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dump-ir", type=Path, default=None, help="write the IR after each pass here")
     comp.add_argument("--verify", action="store_true", help="run the IR verifier after each pass")
     comp.add_argument("--draft", default=None,
-                      help="speculative decoding: prompt-lookup, or a draft model (same tokenizer)")
+                      help="speculative decoding: prompt-lookup, a draft model (same tokenizer), or a "
+                           "self-draft self:exit=E | self:skip=4-9,15 (self:auto: see tune)")
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
     comp.add_argument("--early-exit", default=None, metavar="min-agreement=0.95[,exits=8+16][,gate=softmax]",
                       help="LOSSY early exit (CALM), calibrated to this agreement with the full model; "
@@ -211,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="measure this machine and choose the draft tree (resumable)")
     tune.add_argument("model", help="zoo name, HF model folder, or .gguf file")
     tune.add_argument("--session", type=Path, required=True, help="session folder (created or resumed)")
-    tune.add_argument("--draft", default="prompt-lookup", help="prompt-lookup or a draft model")
+    tune.add_argument("--draft", default="prompt-lookup",
+                      help="prompt-lookup, a draft model, or self:auto (search the self-drafts)")
     tune.add_argument("--prompts", type=Path, default=None,
                       help="calibration prompts, separated by blank lines (default: built-in set)")
     tune.add_argument("--max-seq-len", type=int, default=512)
