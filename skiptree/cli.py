@@ -73,7 +73,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     choice = tune(args.model, args.session, draft=args.draft, prompts=prompts, max_seq_len=args.max_seq_len,
                   threads=args.threads, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature)  # fmt: skip
-    print(json.dumps({k: choice[k] for k in ("mode", "predicted_speedup", "measured_speedup", "parents")}))
+    keys = ("mode", "draft", "predicted_speedup", "measured_speedup", "parents")
+    print(json.dumps({key: choice.get(key) for key in keys}))
     return 0
 
 
