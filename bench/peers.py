@@ -49,12 +49,13 @@ class TransformersEngine:
         self.name = f"transformers {metadata.version('transformers')} generate"
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
-    def run(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-        times: list[float] = []
+    def run(self, prompt_ids: list[int], max_new_tokens: int, **generate_options) -> tuple[list[int], float]:
+        """Tokens and decode tokens/s; `generate_options` go to generate (e.g. assistant_early_exit=4)."""
+        times: list[tuple[float, int]] = []
 
-        class Stamp:  # put() gets the prompt first, then each new token
+        class Stamp:  # put() gets the prompt first, then new tokens (several at once when assisted)
             def put(self, value):
-                times.append(time.perf_counter())
+                times.append((time.perf_counter(), value.numel()))
 
             def end(self):
                 pass
@@ -63,8 +64,11 @@ class TransformersEngine:
         with self.torch.inference_mode():
             out = self.model.generate(input_ids, attention_mask=self.torch.ones_like(input_ids),
                                       max_new_tokens=max_new_tokens, do_sample=False,
-                                      streamer=Stamp())  # fmt: skip
-        return out[0, len(prompt_ids) :].tolist(), _decode_speed(times[1:])
+                                      streamer=Stamp(), **generate_options)  # fmt: skip
+        new = times[1:]  # tokens after the first, over the time since the first
+        tokens = sum(count for _, count in new[1:])
+        elapsed = new[-1][0] - new[0][0] if len(new) > 1 else 0.0
+        return out[0, len(prompt_ids) :].tolist(), tokens / elapsed if elapsed > 0 else 0.0
 
 
 class GenaiEngine:

@@ -137,3 +137,10 @@ def test_noisy_costs_cannot_make_a_big_tree_look_cheap():
     best = {n: max(c["predicted_speedup"] for c in candidates if c["nodes"] == n) for n in (8, 16)}
     # at face value T(16) = 809 ms would predict 16 nodes far faster than 8; priced at >= T(8) it is not
     assert best[16] < best[8] * 1.2
+
+
+def test_draft_levels_cost_at_most_a_wider_level():
+    from skiptree.compiler.tuner import padded_level_ms
+
+    padded = padded_level_ms({1: 279.0, 2: 180.0, 4: 215.0, 8: 455.0})
+    assert padded == {1: 180.0, 2: 180.0, 4: 215.0, 8: 455.0}
