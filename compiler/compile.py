@@ -21,6 +21,7 @@ import torch
 
 import skiptree
 from skiptree.compiler.draft import build_drafter
+from skiptree.compiler.draft_vocab import frequent_tokens
 from skiptree.compiler.early_exit import calibrate_early_exit
 from skiptree.compiler.ir import ModelIR
 from skiptree.compiler.lower_onnx import lower_to_onnx
@@ -76,6 +77,13 @@ def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[str, Any], max_t
     }
 
 
+def calibration_prompts(options: CompileOptions, tokenizer: Tokenizer) -> list[list[int]]:
+    """The calibration prompts as token ids, through the chat template when the model has one."""
+    texts = options.calibration_prompts or CALIBRATION_PROMPTS
+    return [tokenizer.apply_chat_template([{"role": "user", "content": text}])
+            if tokenizer.chat_template else tokenizer.encode(text) for text in texts]  # fmt: skip
+
+
 def _prepare_output(out_dir: Path) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise CompileOptionError(
@@ -106,7 +114,13 @@ def compile_model(
     tokenizer = Tokenizer.from_folder(folder)
     phase(f"tracing the step graph (max_seq_len {options.max_seq_len})")
     ir = trace_model(model, options.max_seq_len)
-    pipeline = build_pipeline(options)
+    draft_vocab, coverage = (), None
+    if options.draft_vocab:
+        phase(f"counting the target's {options.draft_vocab} most frequent output tokens for the draft head")
+        prompts = calibration_prompts(options, tokenizer)
+        draft_vocab, coverage = frequent_tokens(model, prompts, options.draft_vocab)
+        log(f"         they cover {coverage:.3f} of the target's tokens on the calibration prompts")
+    pipeline = build_pipeline(options, draft_vocab)
     phase(f"running {len(pipeline)} passes{' with the verifier' if options.verify else ''}")
     ir = PassManager(pipeline, verify=options.verify, dump_dir=options.dump_ir, log=log).run(ir)
 
@@ -124,15 +138,14 @@ def compile_model(
         speculative = None
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree})")
-            speculative = build_drafter(options, tokenizer, ir.config, building, log)
+            speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
+            if draft_vocab:
+                speculative["draft_vocab"] = {"size": len(draft_vocab), "calibration_coverage": coverage}
         early_exit = None
         if options.early_exit:
             phase(f"calibrating early exit ({options.early_exit}) on the full model's own continuations")
             spec = parse_early_exit(options.early_exit).resolved(ir.config.num_layers)
-            texts = options.calibration_prompts or CALIBRATION_PROMPTS
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}])
-                       if tokenizer.chat_template else tokenizer.encode(text) for text in texts]  # fmt: skip
-            early_exit = calibrate_early_exit(model, prompts, spec, log=log)
+            early_exit = calibrate_early_exit(model, calibration_prompts(options, tokenizer), spec, log=log)
             log(f"         threshold {early_exit['threshold']:.4f}: agreement {early_exit['agreement']:.3f}, "
                 f"mean layers {early_exit['mean_layers']:.1f} of {ir.config.num_layers} "
                 f"on {early_exit['calibration_positions']} positions")

@@ -15,6 +15,7 @@ from skiptree.compiler.trace import trace_model
 from skiptree.models.config import ModelConfig
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
+from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SELF_PREFIX, parse_self_draft
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import parse_tree
@@ -32,7 +33,8 @@ def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_source: str)
 
 
 def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_config: ModelConfig,
-                  building: Path, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+                  building: Path, log: Callable[[str], None], draft_vocab: tuple[int, ...] = ()
+                  ) -> dict[str, Any]:  # fmt: skip
     """Compile the drafter into the artifact folder; returns its manifest entry."""
     shape = parse_tree(options.tree)
     entry: dict[str, Any] = {"tree": shape.to_json(), "max_tree": options.max_tree}
@@ -55,6 +57,8 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
         )
     log(f"         draft model {options.draft}: tracing and lowering its step graph")
     ir = trace_model(model, options.max_seq_len)
+    if draft_vocab:  # the same tokenizer, so the target's frequent ids are the draft's
+        ir = ShrinkDraftVocab(draft_vocab, "step").run(ir).ir
     export_onnx(ir.graphs["step"], building / "draft_step.onnx")
     return {**entry, "drafter": "draft-model", "draft_model": {
         "source": str(options.draft), "model_type": model.config.model_type,

@@ -107,8 +107,8 @@ def block_of(node: torch.fx.Node) -> str:
             return f"layers.{parts[1]}"
         if parts and parts[0] in ("embed", "position_embed"):
             return "embed"
-        if parts and parts[0] in ("norm", "head"):
-            return parts[0]
+        if parts and parts[0] in ("norm", "head", "small_head"):  # small_head: a shrunk draft head
+            return parts[0].removeprefix("small_")
     return "glue"
 
 
@@ -150,7 +150,7 @@ def _weight_block(weight: str) -> str:
         if parts[2] in ("mlp", "mlp_norm", "fc", "proj"):
             return f"layers.{parts[1]}.mlp"
         return f"layers.{parts[1]}"
-    return {"position_embed": "embed"}.get(parts[0], parts[0])
+    return {"position_embed": "embed", "small_head": "head"}.get(parts[0], parts[0])
 
 
 def verify_ir(ir: ModelIR, after_pass: str = "trace") -> None:

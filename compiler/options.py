@@ -33,6 +33,7 @@ class CompileOptions:
     tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
+    draft_vocab: int = 0  # > 0: the draft's head keeps only this many frequent tokens (ShrinkDraftVocab)
     early_exit: str | None = None  # "min-agreement=0.95[,exits=8+16][,gate=softmax]": lossy (CALM)
     calibration_prompts: tuple[str, ...] = ()  # for early exit; () = the tuner's built-in prompts
 
@@ -63,6 +64,10 @@ class CompileOptions:
                 if shape.size != shape.depth:
                     raise CompileOptionError(f"self-drafts draft chains, not the tree {self.tree}",
                                              "use --tree chain:K with a self-draft")  # fmt: skip
+        if self.draft_vocab and (self.draft is None or self.draft == "prompt-lookup" or self.draft_vocab < 2):
+            raise CompileOptionError(
+                f"--draft-vocab {self.draft_vocab} needs a draft with an output head and a size >= 2",
+                "use it with --draft self:... or a draft model")  # fmt: skip
         if self.early_exit is not None:
             from skiptree.passes.insert_early_exit import parse_early_exit
             parse_early_exit(self.early_exit)

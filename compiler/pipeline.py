@@ -14,13 +14,17 @@ from skiptree.compiler.pass_manager import Pass
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
 from skiptree.passes.insert_early_exit import InsertEarlyExit, parse_early_exit
 from skiptree.passes.insert_tree_verify import InsertTreeVerify
+from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SELF_PREFIX, SkipLayers, parse_self_draft
 
 
-def build_pipeline(options: CompileOptions) -> list[Pass]:
-    """The passes a compile with these options runs, in order."""
+def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -> list[Pass]:
+    """The passes a compile with these options runs, in order (`draft_vocab`: the token ids a shrunk
+    draft head keeps, counted by compiler/draft_vocab.py)."""
     self_draft = parse_self_draft(options.draft) if (options.draft or "").startswith(SELF_PREFIX) else None
     structure: list[Pass] = [SkipLayers(self_draft)] if self_draft else []
+    if self_draft and draft_vocab:
+        structure.append(ShrinkDraftVocab(draft_vocab, "self_draft"))
     if options.early_exit:
         structure.append(InsertEarlyExit(parse_early_exit(options.early_exit)))
     # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.

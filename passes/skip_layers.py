@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.pass_manager import Pass, PassResult
 from skiptree.compiler.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
 from skiptree.errors import SkiptreeError
-from skiptree.models.base import CausalLM
+from skiptree.models.base import CausalLM, mask_value
 
 SELF_PREFIX = "self:"
 
@@ -97,19 +98,37 @@ def parse_self_draft(text: str) -> SelfDraftSpec:
 class LayerSubsetModule(nn.Module):
     """draft(input_ids, positions, attn_bias, write_slots, *caches of `layers`)
     -> (logits, next_ids, hidden, *caches): the step contract over some layers only; `hidden` is
-    the residual stream after the last of them (before the final norm)."""
+    the residual stream after the last of them (before the final norm).
 
-    def __init__(self, model: CausalLM, layers: list[int]):
+    With `vocab` (token ids, ShrinkDraftVocab) the head computes only those rows (a stored copy:
+    gathering rows at run time would read the whole head); `next_ids` are mapped back to token
+    ids and `logits` keep the full width, with the minimum bias outside `vocab` (probability 0),
+    so drafters and sampling acceptance see an ordinary draft distribution.
+    """
+
+    def __init__(self, model: CausalLM, layers: list[int], vocab: torch.Tensor | None = None):
         super().__init__()
         self.model, self.layers = model, layers
+        self.small_head: nn.Linear | None = None
+        if vocab is not None:
+            self.register_buffer("vocab", vocab.clone())
+            self.small_head = nn.Linear(model.config.hidden_size, len(vocab), bias=False)
+            rows = model.head.weight.detach()[vocab].clone()
+            self.small_head.weight = nn.Parameter(rows, requires_grad=False)
 
     def forward(self, input_ids, positions, attn_bias, write_slots, *caches):
         count = len(self.layers)
         x, context = self.model.embed_step(input_ids, positions)
         for j, layer in enumerate(self.layers):
             x = self.model.run_layer(layer, x, context, attn_bias, caches[j], caches[count + j], write_slots)
-        logits = self.model.finish(x)
-        return (logits, logits.argmax(-1), x, *caches)
+        if self.small_head is None:
+            logits = self.model.finish(x)
+            return (logits, logits.argmax(-1), x, *caches)
+        small = self.small_head(self.model.norm(x))  # [B, T, V']
+        full = torch.full((*small.shape[:2], self.model.config.vocab_size), mask_value(small.dtype),
+                          dtype=small.dtype)  # fmt: skip
+        logits = full.scatter(-1, self.vocab.expand(*small.shape[:2], -1), small)
+        return (logits, self.vocab[small.argmax(-1)], x, *caches)
 
 
 @dataclass(frozen=True)
@@ -127,17 +146,20 @@ class SkipLayers(Pass):
 
     def run(self, ir: ModelIR) -> PassResult:
         self.spec.check(ir.config.num_layers)
-        layers = self.spec.kept(ir.config.num_layers)
-        example = example_step_inputs(ir.model, ir.max_seq_len)
-        caches = example_caches(ir.model, ir.max_seq_len, layers)
-        dims = ({1: "T"}, {1: "T"}, {2: "T"}, {0: "T"})
-        inputs = [(name, value, dim) for name, value, dim in zip(STEP_INPUTS, example[:4], dims, strict=True)]
-        dtype = str(caches[0].dtype).removeprefix("torch.")
-        outputs = [TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
-                   TensorSpec("next_ids", "int64", (1, "T")),
-                   TensorSpec("hidden", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
-        module = LayerSubsetModule(ir.model, layers)
-        ir.graphs["self_draft"] = export_with_caches("self_draft", module, inputs, caches, outputs,
-                                                     ir.max_seq_len, layers)  # fmt: skip
-        ir.blocks = build_block_view(ir.config, ir.graphs)
+        export_layer_subset(ir, "self_draft", self.spec.kept(ir.config.num_layers))
         return PassResult(ir, True)
+
+
+def export_layer_subset(ir: ModelIR, name: str, layers: list[int], vocab: torch.Tensor | None = None) -> None:
+    """(Re)place graph `name` of the IR with a `LayerSubsetModule` step over `layers`."""
+    example = example_step_inputs(ir.model, ir.max_seq_len)
+    caches = example_caches(ir.model, ir.max_seq_len, layers)
+    dims = ({1: "T"}, {1: "T"}, {2: "T"}, {0: "T"})
+    inputs = [(name, value, dim) for name, value, dim in zip(STEP_INPUTS, example[:4], dims, strict=True)]
+    dtype = str(caches[0].dtype).removeprefix("torch.")
+    outputs = [TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
+               TensorSpec("next_ids", "int64", (1, "T")),
+               TensorSpec("hidden", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
+    module = LayerSubsetModule(ir.model, layers, vocab)
+    ir.graphs[name] = export_with_caches(name, module, inputs, caches, outputs, ir.max_seq_len, layers)
+    ir.blocks = build_block_view(ir.config, ir.graphs)

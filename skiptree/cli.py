@@ -53,6 +53,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         verify=args.verify,
         draft=args.draft,
         tree=args.tree,
+        draft_vocab=args.draft_vocab,
         early_exit=args.early_exit,
         calibration_prompts=tuple(read_prompts(args.calibration)) if args.calibration else (),
     )
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="speculative decoding: prompt-lookup, a draft model (same tokenizer), or a "
                            "self-draft self:exit=E | self:skip=4-9,15 (self:auto: see tune)")
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
+    comp.add_argument("--draft-vocab", type=int, default=0, metavar="V",
+                      help="the draft's head keeps only the target's V most frequent tokens (lossless)")
     comp.add_argument("--early-exit", default=None, metavar="min-agreement=0.95[,exits=8+16][,gate=softmax]",
                       help="LOSSY early exit (CALM), calibrated to this agreement with the full model; "
                            "gate softmax|margin|cosine")  # fmt: skip
