@@ -29,6 +29,7 @@ import torch
 from skiptree.models.base import CausalLM
 from skiptree.models.config import ModelConfig
 
+DRAFT_HEAD_PARTS = ("small_head", "adapter")  # draft-only modules, counted with the head block
 BLOCK_KINDS = ("glue", "embed", "layer", "attention", "mlp", "norm", "head")
 
 
@@ -85,6 +86,7 @@ class ModelIR:
     graphs: dict[str, StepGraph]
     blocks: nx.DiGraph
     passes_run: list[PassRecord] = field(default_factory=list)
+    draft_adapters: dict[str, Any] = field(default_factory=dict)  # graph name -> trained draft module
 
 
 class IRError(Exception):
@@ -107,8 +109,10 @@ def block_of(node: torch.fx.Node) -> str:
             return f"layers.{parts[1]}"
         if parts and parts[0] in ("embed", "position_embed"):
             return "embed"
-        if parts and parts[0] in ("norm", "head", "small_head"):  # small_head: a shrunk draft head
-            return parts[0].removeprefix("small_")
+        if parts and parts[0] in DRAFT_HEAD_PARTS:  # a draft's shrunk head or exit adapter
+            return "head"
+        if parts and parts[0] in ("norm", "head"):
+            return parts[0]
     return "glue"
 
 
@@ -150,7 +154,7 @@ def _weight_block(weight: str) -> str:
         if parts[2] in ("mlp", "mlp_norm", "fc", "proj"):
             return f"layers.{parts[1]}.mlp"
         return f"layers.{parts[1]}"
-    return {"position_embed": "embed", "small_head": "head"}.get(parts[0], parts[0])
+    return {"position_embed": "embed", **dict.fromkeys(DRAFT_HEAD_PARTS, "head")}.get(parts[0], parts[0])
 
 
 def verify_ir(ir: ModelIR, after_pass: str = "trace") -> None:

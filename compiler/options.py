@@ -33,6 +33,7 @@ class CompileOptions:
     tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
+    draft_adapter: Path | None = None  # a trained exit adapter for --draft self:exit=E (skiptree tune)
     draft_vocab: int = 0  # > 0: the draft's head keeps only this many frequent tokens (ShrinkDraftVocab)
     early_exit: str | None = None  # "min-agreement=0.95[,exits=8+16][,gate=softmax]": lossy (CALM)
     calibration_prompts: tuple[str, ...] = ()  # for early exit; () = the tuner's built-in prompts

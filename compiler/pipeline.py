@@ -22,7 +22,8 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     """The passes a compile with these options runs, in order (`draft_vocab`: the token ids a shrunk
     draft head keeps, counted by compiler/draft_vocab.py)."""
     self_draft = parse_self_draft(options.draft) if (options.draft or "").startswith(SELF_PREFIX) else None
-    structure: list[Pass] = [SkipLayers(self_draft)] if self_draft else []
+    adapter = str(options.draft_adapter) if options.draft_adapter else None
+    structure: list[Pass] = [SkipLayers(self_draft, adapter)] if self_draft else []
     if self_draft and draft_vocab:
         structure.append(ShrinkDraftVocab(draft_vocab, "self_draft"))
     if options.early_exit:

@@ -47,11 +47,20 @@ def this_device() -> tuple[dict[str, Any], str]:
 
 def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: Sequence[str] | None = None,
          max_seq_len: int = 512, prefix: int = 256, width: int = 4, max_new_tokens: int = 64,
-         threads: int = 1, temperature: float = 0.0,
+         threads: int = 1, temperature: float = 0.0, train_draft: str | None = None,
+         train_options: dict[str, Any] | None = None,
          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
          ) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) a tuning session; returns the choice it wrote."""
     session_dir = Path(session_dir)
+    if train_draft == "exit-adapter":
+        from skiptree.compiler.tune_adapter import tune_exit_adapter
+
+        device, fingerprint = this_device()
+        return tune_exit_adapter(target, session_dir, fingerprint, device, max_seq_len=max_seq_len,
+                                 prefix=prefix, max_new_tokens=max_new_tokens, threads=threads,
+                                 prompts=prompts,
+                                 log=log, **(train_options or {}))  # fmt: skip
     if draft == "self:auto":
         from skiptree.compiler.tune_self import tune_self_draft
 
@@ -132,6 +141,9 @@ def tuned_options(session_dir: Path, options: CompileOptions, model_sha256: str 
     choice = read_choice(session_dir, fingerprint, model_sha256, force)
     if choice["mode"] == "plain":
         return CompileOptions(**{**options.__dict__, "draft": None})
+    if choice.get("draft_adapter"):  # a trained exit adapter with its shrunk head
+        options = CompileOptions(**{**options.__dict__, "draft_adapter": Path(choice["draft_adapter"]),
+                                    "draft_vocab": choice["draft_vocab"]})  # fmt: skip
     tree_file = Path(session_dir) / "tree.json"
     tree_file.write_text(json.dumps({"parents": choice["parents"]}) + "\n")
     return CompileOptions(**{**options.__dict__, "draft": choice["draft"], "tree": str(tree_file),

@@ -45,6 +45,13 @@ from skiptree.runtime.self_draft import run_draft_graph
 from skiptree.runtime.tree import chain
 
 
+def choice_header(target: str, runtime: Runtime, device: dict[str, Any], max_seq_len: int
+                  ) -> dict[str, Any]:  # fmt: skip
+    """What every choice.json starts with: what was tuned, for which weights, on which device."""
+    weights = runtime.manifest["model"]["weights_sha256"]
+    return {"target": str(target), "model_sha256": weights, "device": device, "max_seq_len": max_seq_len}
+
+
 def measure_probe_ms(runtime: Runtime, prefix: int) -> float:
     """One self-draft pass (one token) of the runtime's drafter after a `prefix`-token context."""
     graph = runtime.speculative.drafter.graph
@@ -134,10 +141,7 @@ def tune_self_draft(
         )
     best = candidates[0]
     record = {
-        "target": str(target),
-        "model_sha256": runtime.manifest["model"]["weights_sha256"],
-        "device": device,
-        "max_seq_len": max_seq_len,
+        **choice_header(target, runtime, device, max_seq_len),
         "decode_ms": decode_ms,
         "verify_ms": verify_ms,
         "probe_draft_ms": probe_ms,

@@ -80,7 +80,11 @@ def measure_verify_ms(runtime: Runtime, nodes: int, prefix: int, repeats: int = 
     spec = runtime.speculative
     runtime.step_model.prefill(_context(runtime, prefix))
     tokens, parents = [5] * nodes, list(chain(nodes).parents)
-    return _median_ms(lambda: spec._verify(5, tokens, parents, greedy=True), repeats)
+    hidden = None
+    if "hidden" in spec.verify_graph.session_inputs:  # a prefix exit verifies from hidden states
+        size = runtime.manifest["model"]["config"]["hidden_size"]
+        hidden = np.zeros((nodes + 1, size), dtype=runtime.step_model.cache.dtype)
+    return _median_ms(lambda: spec._verify(5, tokens, parents, True, hidden), repeats)
 
 
 def measure_draft_level_ms(runtime: Runtime, width: int, prefix: int, repeats: int = 7) -> float:

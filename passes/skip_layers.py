@@ -16,10 +16,12 @@ decoding stays lossless: every emitted token is the full target's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from skiptree.compiler.exit_adapter import load_adapter
 from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.pass_manager import Pass, PassResult
 from skiptree.compiler.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
@@ -106,9 +108,10 @@ class LayerSubsetModule(nn.Module):
     so drafters and sampling acceptance see an ordinary draft distribution.
     """
 
-    def __init__(self, model: CausalLM, layers: list[int], vocab: torch.Tensor | None = None):
+    def __init__(self, model: CausalLM, layers: list[int], vocab: torch.Tensor | None = None,
+                 adapter: nn.Module | None = None):  # fmt: skip
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.adapter = model, layers, adapter
         self.small_head: nn.Linear | None = None
         if vocab is not None:
             self.register_buffer("vocab", vocab.clone())
@@ -121,10 +124,11 @@ class LayerSubsetModule(nn.Module):
         x, context = self.model.embed_step(input_ids, positions)
         for j, layer in enumerate(self.layers):
             x = self.model.run_layer(layer, x, context, attn_bias, caches[j], caches[count + j], write_slots)
+        out = x if self.adapter is None else self.adapter(x)  # `hidden` stays the layers' own state
         if self.small_head is None:
-            logits = self.model.finish(x)
+            logits = self.model.finish(out)
             return (logits, logits.argmax(-1), x, *caches)
-        small = self.small_head(self.model.norm(x))  # [B, T, V']
+        small = self.small_head(self.model.norm(out))  # [B, T, V']
         full = torch.full((*small.shape[:2], self.model.config.vocab_size), mask_value(small.dtype),
                           dtype=small.dtype)  # fmt: skip
         logits = full.scatter(-1, self.vocab.expand(*small.shape[:2], -1), small)
@@ -142,16 +146,25 @@ class SkipLayers(Pass):
     """
 
     spec: SelfDraftSpec
+    adapter: str | None = None  # a trained exit adapter (safetensors) between the layers and the head
     name = "SkipLayers"
 
     def run(self, ir: ModelIR) -> PassResult:
         self.spec.check(ir.config.num_layers)
-        export_layer_subset(ir, "self_draft", self.spec.kept(ir.config.num_layers))
+        adapter = None
+        if self.adapter:
+            adapter = load_adapter(Path(self.adapter))[0].to(next(ir.model.parameters()).dtype)
+        export_layer_subset(ir, "self_draft", self.spec.kept(ir.config.num_layers), adapter=adapter)
         return PassResult(ir, True)
 
 
-def export_layer_subset(ir: ModelIR, name: str, layers: list[int], vocab: torch.Tensor | None = None) -> None:
-    """(Re)place graph `name` of the IR with a `LayerSubsetModule` step over `layers`."""
+def export_layer_subset(ir: ModelIR, name: str, layers: list[int], vocab: torch.Tensor | None = None,
+                        adapter: nn.Module | None = None) -> None:  # fmt: skip
+    """(Re)place graph `name` of the IR with a `LayerSubsetModule` step over `layers`. Its adapter is
+    kept on the IR (`ir.draft_adapters`), so a later pass that rebuilds the graph keeps it."""
+    if adapter is not None:
+        ir.draft_adapters[name] = adapter
+    adapter = ir.draft_adapters.get(name)
     example = example_step_inputs(ir.model, ir.max_seq_len)
     caches = example_caches(ir.model, ir.max_seq_len, layers)
     dims = ({1: "T"}, {1: "T"}, {2: "T"}, {0: "T"})
@@ -160,6 +173,6 @@ def export_layer_subset(ir: ModelIR, name: str, layers: list[int], vocab: torch.
     outputs = [TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
                TensorSpec("next_ids", "int64", (1, "T")),
                TensorSpec("hidden", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
-    module = LayerSubsetModule(ir.model, layers, vocab)
+    module = LayerSubsetModule(ir.model, layers, vocab, adapter)
     ir.graphs[name] = export_with_caches(name, module, inputs, caches, outputs, ir.max_seq_len, layers)
     ir.blocks = build_block_view(ir.config, ir.graphs)

@@ -67,13 +67,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_options(args: argparse.Namespace) -> dict:
+    options = {"exit_layer": args.exit_layer, "draft_vocab": args.draft_vocab, "steps": args.train_steps}
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from skiptree.compiler.tune import tune
 
     prompts = read_prompts(args.prompts) if args.prompts else None
     choice = tune(args.model, args.session, draft=args.draft, prompts=prompts, max_seq_len=args.max_seq_len,
                   threads=args.threads, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature)  # fmt: skip
+                  temperature=args.temperature, train_draft=args.train_draft,
+                  train_options=train_options(args))  # fmt: skip
     keys = ("mode", "draft", "predicted_speedup", "measured_speedup", "parents")
     print(json.dumps({key: choice.get(key) for key in keys}))
     return 0
@@ -220,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prompt-lookup, a draft model, or self:auto (search the self-drafts)")
     tune.add_argument("--prompts", type=Path, default=None,
                       help="calibration prompts, separated by blank lines (default: built-in set)")
+    tune.add_argument("--train-draft", choices=("exit-adapter",), default=None,
+                      help="train a cheap draft (Kangaroo exit adapter + shrunk head) into the session")
+    tune.add_argument("--exit-layer", type=int, default=None,
+                      help="--train-draft: exit after this layer (default L/10)")
+    tune.add_argument("--draft-vocab", type=int, default=None, help="--train-draft: draft head tokens (8192)")
+    tune.add_argument("--train-steps", type=int, default=None, help="--train-draft: optimiser steps (1500)")
     tune.add_argument("--max-seq-len", type=int, default=512)
     tune.add_argument("--max-new-tokens", type=int, default=64)
     tune.add_argument("--threads", type=int, default=1)
