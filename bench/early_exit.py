@@ -21,13 +21,17 @@ import numpy as np
 import torch
 
 import skiptree
+from skiptree.compiler.compile import calibration_prompts
+from skiptree.compiler.draft_vocab import frequent_tokens
 from skiptree.compiler.early_exit import ExitObservations, choose_threshold, observe_exits
+from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.self_draft_search import target_continuations
 from skiptree.models.loader import load_model
 from skiptree.models.zoo import fetch
 from skiptree.passes.insert_early_exit import EarlyExitSpec, parse_early_exit
 from skiptree.runtime.generation import generate_tokens
 from skiptree.runtime.onnx_step import OnnxStepModel
+from skiptree.runtime.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
@@ -54,22 +58,29 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--prompts-per-set", type=int, default=3)
+    parser.add_argument("--exit-vocab", type=int, default=0, help="exit heads keep this many tokens (0: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     folder = fetch("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact or Path(tmp) / "art"
         if not (artifact / "manifest.json").is_file():
-            skiptree.compile(folder, artifact, max_seq_len=512, early_exit="min-agreement=0.9")
+            options = f"min-agreement=0.9,vocab={args.exit_vocab}"
+            skiptree.compile(folder, artifact, max_seq_len=512, early_exit=options)
         runtime = skiptree.load(artifact, threads=1)
         early = runtime.manifest["early_exit"]
-        spec = parse_early_exit(f"min-agreement=0.9,exits={'+'.join(map(str, early['exits']))}").resolved(
-            early["num_layers"]
-        )
+        kept = early.get("exit_head_tokens", 0)
+        kept = kept if kept < runtime.manifest["model"]["config"]["vocab_size"] else 0
+        exits = "+".join(map(str, early["exits"]))
+        spec = parse_early_exit(f"min-agreement=0.9,exits={exits},vocab={kept}").resolved(early["num_layers"])
         model = load_model(folder, torch.float32)
         calibration = [runtime.encode_prompt(p, chat=True) for p in bench.PROMPT_SETS["code"][1][3:]]
         data = target_continuations(model, calibration, 48)
-        observed = [observe_exits(model, seq, first, spec) for first, seq in data.sequences]
+        vocab = ()
+        if spec.vocab:  # the exit heads' tokens, counted exactly as compile counted them
+            tokenizer = Tokenizer.from_folder(folder)
+            vocab = frequent_tokens(model, calibration_prompts(CompileOptions(), tokenizer), spec.vocab)[0]
+        observed = [observe_exits(model, seq, first, spec, vocab) for first, seq in data.sequences]
         obs = ExitObservations(
             *(
                 np.concatenate([getattr(o, f) for o in observed])

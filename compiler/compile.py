@@ -115,10 +115,11 @@ def compile_model(
     phase(f"tracing the step graph (max_seq_len {options.max_seq_len})")
     ir = trace_model(model, options.max_seq_len)
     draft_vocab, coverage = (), None
-    if options.draft_vocab:
-        phase(f"counting the target's {options.draft_vocab} most frequent output tokens for the draft head")
+    size = options.draft_vocab or (parse_early_exit(options.early_exit).vocab if options.early_exit else 0)
+    if size:
+        phase(f"counting the target's {size} most frequent output tokens for the draft / exit heads")
         prompts = calibration_prompts(options, tokenizer)
-        draft_vocab, coverage = frequent_tokens(model, prompts, options.draft_vocab)
+        draft_vocab, coverage = frequent_tokens(model, prompts, size)
         log(f"         they cover {coverage:.3f} of the target's tokens on the calibration prompts")
     pipeline = build_pipeline(options, draft_vocab)
     phase(f"running {len(pipeline)} passes{' with the verifier' if options.verify else ''}")
@@ -145,7 +146,9 @@ def compile_model(
         if options.early_exit:
             phase(f"calibrating early exit ({options.early_exit}) on the full model's own continuations")
             spec = parse_early_exit(options.early_exit).resolved(ir.config.num_layers)
-            early_exit = calibrate_early_exit(model, calibration_prompts(options, tokenizer), spec, log=log)
+            prompts = calibration_prompts(options, tokenizer)
+            early_exit = calibrate_early_exit(model, prompts, spec, draft_vocab, log)
+            early_exit["exit_head_tokens"] = len(draft_vocab) or ir.config.vocab_size
             log(f"         threshold {early_exit['threshold']:.4f}: agreement {early_exit['agreement']:.3f}, "
                 f"mean layers {early_exit['mean_layers']:.1f} of {ir.config.num_layers} "
                 f"on {early_exit['calibration_positions']} positions")

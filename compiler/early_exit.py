@@ -22,7 +22,7 @@ import torch
 
 from skiptree.models.base import CausalLM
 from skiptree.models.reference import ReferenceStepper, causal_bias
-from skiptree.passes.insert_early_exit import NEVER, EarlyExitSpec, gate_confidence
+from skiptree.passes.insert_early_exit import NEVER, EarlyExitSpec, ExitStepModule, gate_confidence
 from skiptree.runtime.generation import generate_tokens
 
 
@@ -34,7 +34,8 @@ class ExitObservations:
 
 
 @torch.no_grad()
-def observe_exits(model: CausalLM, sequence: list[int], first: int, spec: EarlyExitSpec) -> ExitObservations:
+def observe_exits(model: CausalLM, sequence: list[int], first: int, spec: EarlyExitSpec,
+                  vocab: Sequence[int] = ()) -> ExitObservations:  # fmt: skip
     """Exit tokens and confidences at positions first-1.. of `sequence` (predicting tokens first..)."""
     steps = len(sequence)
     dtype = next(model.parameters()).dtype
@@ -44,9 +45,10 @@ def observe_exits(model: CausalLM, sequence: list[int], first: int, spec: EarlyE
     bias, slots = causal_bias(0, steps, steps, dtype), torch.arange(steps)
     confidence, tokens = [], []
     previous = x
+    heads = ExitStepModule(model, spec.exits, spec.gate, torch.tensor(vocab) if vocab else None)  # as lowered
     for layer in range(model.config.num_layers):
         if layer in spec.exits:
-            logits = model.finish(x)[0, first - 1 : -1]
+            logits = heads.exit_logits(x)[0, first - 1 : -1]
             confidence.append(
                 gate_confidence(spec.gate, logits, x[0, first - 1 : -1], previous[0, first - 1 : -1])
             )
@@ -82,14 +84,14 @@ def choose_threshold(obs: ExitObservations, spec: EarlyExitSpec, num_layers: int
 
 
 def calibrate_early_exit(model: CausalLM, prompts: Sequence[list[int]], spec: EarlyExitSpec,
-                         new_tokens: int = 48, log: Callable[[str], None] = lambda m: None
-                         ) -> dict:  # fmt: skip
+                         vocab: Sequence[int] = (), log: Callable[[str], None] = lambda m: None,
+                         new_tokens: int = 48) -> dict:  # fmt: skip
     """Generate the full model's greedy continuations, observe the exits, choose the threshold."""
     observed = []
     for index, prompt in enumerate(prompts):
         room = model.config.max_position_embeddings - len(prompt)
         output = generate_tokens(ReferenceStepper(model), prompt, max(1, min(new_tokens, room))).token_ids
-        observed.append(observe_exits(model, prompt + output, len(prompt), spec))
+        observed.append(observe_exits(model, prompt + output, len(prompt), spec, vocab))
         log(f"         calibration prompt {index + 1}/{len(prompts)}: {len(output)} positions")
     obs = ExitObservations(*(np.concatenate([getattr(o, f) for o in observed])
                              for f in ("confidence", "exit_tokens", "full_tokens")))  # fmt: skip

@@ -27,7 +27,7 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     if self_draft and draft_vocab:
         structure.append(ShrinkDraftVocab(draft_vocab, "self_draft"))
     if options.early_exit:
-        structure.append(InsertEarlyExit(parse_early_exit(options.early_exit)))
+        structure.append(InsertEarlyExit(parse_early_exit(options.early_exit), draft_vocab))
     # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.
     first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
     verification: list[Pass] = [InsertTreeVerify(options.max_tree, first_layer)] if options.draft else []

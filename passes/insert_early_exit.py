@@ -28,6 +28,7 @@ from skiptree.compiler.pass_manager import Pass, PassResult
 from skiptree.compiler.trace import STEP_INPUTS, example_caches, export_with_caches
 from skiptree.errors import SkiptreeError
 from skiptree.models.base import CausalLM
+from skiptree.passes.shrunk_head import ShrunkHead
 
 GATES = ("softmax", "margin", "cosine")
 NEVER = 2.0  # a threshold no gate reaches: the full model
@@ -39,11 +40,13 @@ class EarlyExitError(SkiptreeError):
 
 @dataclass(frozen=True)
 class EarlyExitSpec:
-    """`--early-exit min-agreement=0.95[,exits=8+16][,gate=softmax]` (exits default: L/4, L/2, 3L/4)."""
+    """`--early-exit min-agreement=0.95[,exits=8+16][,gate=softmax][,vocab=8192]` (exits default:
+    L/4, L/2, 3L/4; vocab: exit heads keep only the target's most frequent tokens, 0 = all)."""
 
     min_agreement: float
     exits: tuple[int, ...] = ()
     gate: str = "softmax"
+    vocab: int = 0
 
     def resolved(self, num_layers: int) -> EarlyExitSpec:
         """With default exits filled in; refuses exits that are not strictly inside the model."""
@@ -52,23 +55,24 @@ class EarlyExitSpec:
             raise EarlyExitError(f"exits {'+'.join(map(str, exits))} are not increasing layers in "
                                  f"1..{num_layers - 1}", "write e.g. exits=8+16 (the model has "
                                  f"{num_layers} layers)")  # fmt: skip
-        return EarlyExitSpec(self.min_agreement, exits, self.gate)
+        return EarlyExitSpec(self.min_agreement, exits, self.gate, self.vocab)
 
 
 def parse_early_exit(text: str) -> EarlyExitSpec:
-    usage = "write --early-exit min-agreement=0.95[,exits=8+16][,gate=softmax|margin|cosine]"
+    usage = "write --early-exit min-agreement=0.95[,exits=8+16][,gate=softmax|margin|cosine][,vocab=8192]"
     fields = dict(part.partition("=")[::2] for part in text.split(",") if part)
-    unknown = set(fields) - {"min-agreement", "exits", "gate"}
+    unknown = set(fields) - {"min-agreement", "exits", "gate", "vocab"}
     try:
         agreement = float(fields["min-agreement"])
         exits = tuple(int(e) for e in fields["exits"].split("+")) if "exits" in fields else ()
+        vocab = int(fields.get("vocab", 0))
     except (KeyError, ValueError):
         raise EarlyExitError(f"cannot read --early-exit '{text}'", usage) from None
     gate = fields.get("gate", "softmax")
-    if unknown or gate not in GATES or not 0.0 < agreement <= 1.0:
+    if unknown or gate not in GATES or not 0.0 < agreement <= 1.0 or vocab < 0:
         raise EarlyExitError(f"cannot read --early-exit '{text}' (min-agreement is in (0, 1], gate one of "
                              f"{', '.join(GATES)})", usage)  # fmt: skip
-    return EarlyExitSpec(agreement, exits, gate)
+    return EarlyExitSpec(agreement, exits, gate, vocab)
 
 
 def gate_confidence(
@@ -88,10 +92,15 @@ class ExitStepModule(nn.Module):
     """exit_step(input_ids, positions, attn_bias, write_slots, threshold, *caches)
     -> (logits [1, 1, V], next_ids [1, 1], layers_run [1], *caches): one token, exits by the gate."""
 
-    def __init__(self, model: CausalLM, exits: tuple[int, ...], gate: str):
+    def __init__(self, model: CausalLM, exits: tuple[int, ...], gate: str, vocab: torch.Tensor | None = None):
         super().__init__()
         self.model, self.exits, self.gate = model, exits, gate
         self.num_layers = model.config.num_layers
+        self.small_head = ShrunkHead(model, vocab) if vocab is not None else None
+
+    def exit_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """An exit head: the model's norm and head, or its head cut to the kept tokens."""
+        return self.model.finish(x) if self.small_head is None else self.small_head(self.model.norm(x))
 
     def forward(self, input_ids, positions, attn_bias, write_slots, threshold, *caches):
         count = self.num_layers
@@ -120,7 +129,7 @@ class ExitStepModule(nn.Module):
         context, attn_bias, write_slots, threshold = step
         start = self.exits[i]
         stop = self.exits[i + 1] if i + 1 < len(self.exits) else self.num_layers
-        exit_logits = self.model.finish(x)
+        exit_logits = self.exit_logits(x)
         confident = gate_confidence(self.gate, exit_logits, x, previous).reshape(-1)[0] >= threshold[0]
 
         def exit_here(x, previous, *rest):
@@ -163,7 +172,11 @@ class InsertEarlyExit(Pass):
     """
 
     spec: EarlyExitSpec
+    vocab: tuple[int, ...] = ()  # the exit heads' tokens when spec.vocab > 0
     name = "InsertEarlyExit"
+
+    def options(self) -> dict:
+        return {"spec": self.spec.__dict__, "vocab_size": len(self.vocab)}
 
     def run(self, ir: ModelIR) -> PassResult:
         model, max_len = ir.model, ir.max_seq_len
@@ -179,7 +192,8 @@ class InsertEarlyExit(Pass):
         outputs = [TensorSpec("logits", name, (1, 1, ir.config.vocab_size)),
                    TensorSpec("next_ids", "int64", (1, 1)),
                    TensorSpec("layers_run", "int64", (1,))]  # fmt: skip
-        module = ExitStepModule(model, spec.exits, spec.gate)
+        vocab = torch.tensor(self.vocab, dtype=torch.int64) if self.vocab else None
+        module = ExitStepModule(model, spec.exits, spec.gate, vocab)
         ir.graphs["exit_step"] = export_with_caches("exit_step", module, inputs, caches, outputs, 1)
         ir.blocks = build_block_view(ir.config, ir.graphs)
         return PassResult(ir, True)

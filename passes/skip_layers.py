@@ -26,7 +26,8 @@ from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.pass_manager import Pass, PassResult
 from skiptree.compiler.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
 from skiptree.errors import SkiptreeError
-from skiptree.models.base import CausalLM, mask_value
+from skiptree.models.base import CausalLM
+from skiptree.passes.shrunk_head import ShrunkHead
 
 SELF_PREFIX = "self:"
 
@@ -102,22 +103,14 @@ class LayerSubsetModule(nn.Module):
     -> (logits, next_ids, hidden, *caches): the step contract over some layers only; `hidden` is
     the residual stream after the last of them (before the final norm).
 
-    With `vocab` (token ids, ShrinkDraftVocab) the head computes only those rows (a stored copy:
-    gathering rows at run time would read the whole head); `next_ids` are mapped back to token
-    ids and `logits` keep the full width, with the minimum bias outside `vocab` (probability 0),
-    so drafters and sampling acceptance see an ordinary draft distribution.
+    With `vocab` (token ids, ShrinkDraftVocab) the head computes only those rows (`ShrunkHead`).
     """
 
     def __init__(self, model: CausalLM, layers: list[int], vocab: torch.Tensor | None = None,
                  adapter: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.model, self.layers, self.adapter = model, layers, adapter
-        self.small_head: nn.Linear | None = None
-        if vocab is not None:
-            self.register_buffer("vocab", vocab.clone())
-            self.small_head = nn.Linear(model.config.hidden_size, len(vocab), bias=False)
-            rows = model.head.weight.detach()[vocab].clone()
-            self.small_head.weight = nn.Parameter(rows, requires_grad=False)
+        self.small_head = ShrunkHead(model, vocab) if vocab is not None else None
 
     def forward(self, input_ids, positions, attn_bias, write_slots, *caches):
         count = len(self.layers)
@@ -125,14 +118,8 @@ class LayerSubsetModule(nn.Module):
         for j, layer in enumerate(self.layers):
             x = self.model.run_layer(layer, x, context, attn_bias, caches[j], caches[count + j], write_slots)
         out = x if self.adapter is None else self.adapter(x)  # `hidden` stays the layers' own state
-        if self.small_head is None:
-            logits = self.model.finish(out)
-            return (logits, logits.argmax(-1), x, *caches)
-        small = self.small_head(self.model.norm(out))  # [B, T, V']
-        full = torch.full((*small.shape[:2], self.model.config.vocab_size), mask_value(small.dtype),
-                          dtype=small.dtype)  # fmt: skip
-        logits = full.scatter(-1, self.vocab.expand(*small.shape[:2], -1), small)
-        return (logits, self.vocab[small.argmax(-1)], x, *caches)
+        logits = self.model.finish(out) if self.small_head is None else self.small_head(self.model.norm(out))
+        return (logits, logits.argmax(-1), x, *caches)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import transformers
 from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
 
 import skiptree
+from skiptree.compiler.draft_vocab import frequent_tokens
 from skiptree.compiler.options import CompileOptionError
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
@@ -102,3 +103,23 @@ def test_calibrated_threshold_reaches_its_agreement_on_held_out_prompts(early_ex
         agreements.append(runtime.step_model.full_model_agreement(prompt, out.token_ids))
     assert np.mean(agreements) >= MIN_AGREEMENT - TOLERANCE
     assert np.mean(layers) < 4  # it does exit early
+
+
+def test_shrunk_exit_heads_emit_only_kept_tokens(tmp_path):
+    """vocab=V: exit heads keep V tokens (cheaper exits); never firing is still the full model."""
+    write_tiny_model(tmp_path / "model", transformers.LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 3}))
+    write_word_tokenizer(tmp_path / "model")
+    calibration = tuple(" ".join(f"t{t}" for t in p) for p in word_prompts(np.random.default_rng(3), 6))
+    art = skiptree.compile(tmp_path / "model", tmp_path / "art", max_seq_len=48, dtype="float64",
+                           early_exit="min-agreement=0.5,exits=1,vocab=10",
+                           calibration_prompts=calibration)  # fmt: skip
+    runtime, model = skiptree.load(art), load_model(tmp_path / "model", torch.float64)
+    assert runtime.manifest["early_exit"]["exit_head_tokens"] == 10
+    prompt = [5, 40, 12, 77, 3]
+    runtime.step_model.threshold = NEVER
+    assert runtime.generate(prompt, 8, eos_token_id=[]).token_ids == generate_tokens(
+        ReferenceStepper(model), prompt, 8).token_ids  # fmt: skip
+    runtime.step_model.threshold = 0.0  # always exit: every decoded token comes from the 10-token head
+    tokens = runtime.generate(prompt, 12, eos_token_id=[]).token_ids[1:]
+    kept, _ = frequent_tokens(model, word_prompts(np.random.default_rng(3), 6), 10)  # as compile counts them
+    assert set(tokens) <= set(kept)
