@@ -123,7 +123,8 @@ def main() -> None:
                 }
             )
     lines = [
-        "# Early exit (lossy) on SmolLM2-135M, fp32, 1 thread, one run",
+        "# Early exit (lossy) on SmolLM2-135M, fp32, 1 thread, one run"
+        + (f", exit heads of {spec.vocab} tokens" if spec.vocab else ""),
         "",
         f"Exits after layers {spec.exits} of {early['num_layers']}, gate {spec.gate}; "
         f"top-1 agreement of each exit head"
@@ -141,8 +142,9 @@ def main() -> None:
             f"{r['speedup_vs_ar']:.2f}x |"
         )
     record = {"ar_tokens_per_second": base_tps, "exits": list(spec.exits), "rows": rows, "manifest": early}
-    peers.save_results("early_exit", record, "\n".join(lines) + "\n")
-    plot(rows, base_tps, Path(__file__).parent / "results" / "early_exit.png")
+    stem = f"early_exit_vocab{spec.vocab}" if spec.vocab else "early_exit"
+    peers.save_results(stem, record, "\n".join(lines) + "\n")
+    plot(rows, base_tps, Path(__file__).parent / "results" / f"{stem}.png")
 
 
 def plot(rows: list[dict], base_tps: float, path: Path) -> None:
