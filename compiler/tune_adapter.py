@@ -138,7 +138,8 @@ def tune_exit_adapter(
         **choice_header(target, runtime, device, max_seq_len),
         "adapter": record,
         "draft_vocab": size,
-        "vocab_coverage": coverage,
+        "vocab_coverage": coverage,  # in-sample: the calibration outputs the tokens were counted on
+        "vocab_held_out_coverage": float(torch.isin(held[1], torch.tensor(vocab)).float().mean()),
         "decode_ms": decode_ms,
         "verify_ms": verify_ms,
         "draft_ms": draft_ms,
