@@ -69,7 +69,6 @@ class SelfDrafter:
 
     def __init__(self, graph: OnnxGraph, exit_kind: bool):
         self.graph, self.exit_kind = graph, exit_kind
-        self.layers_run = sum(1 for name in graph.session_inputs if name.startswith("k"))
 
     def propose(self, context: list[int], shape: TreeShape, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:  # fmt: skip
