@@ -1,5 +1,6 @@
-"""The drafter part of a speculative artifact: prompt lookup (nothing to build) or a draft model
-compiled next to the target ("draft_step.onnx"), which must share the target's tokenizer."""
+"""The drafter part of a speculative artifact: prompt lookup (nothing to build), a self-draft or a
+trained feature head (graphs made by passes), or a draft model compiled next to the target
+("draft_step.onnx"), which must share the target's tokenizer."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from typing import Any
 
 import torch
 
+from skiptree.compiler.exit_adapter import load_trained
+from skiptree.compiler.feature_head import KIND
 from skiptree.compiler.lower_onnx import export_onnx
 from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.compiler.trace import trace_model
 from skiptree.models.config import ModelConfig
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
+from skiptree.passes.insert_feature_head import FEATURE_PREFIX
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SELF_PREFIX, parse_self_draft
 from skiptree.runtime.tokenizer import Tokenizer
@@ -40,6 +44,9 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
     entry: dict[str, Any] = {"tree": shape.to_json(), "max_tree": options.max_tree}
     if options.draft in FREE_DRAFTERS:
         return {**entry, "drafter": options.draft}
+    if options.draft.startswith(FEATURE_PREFIX):  # the graph came from the InsertFeatureHead pass
+        _, record = load_trained(Path(options.draft.removeprefix(FEATURE_PREFIX)), KIND)
+        return {**entry, "drafter": KIND, "feature_head": {"graph": "feature_draft", "training": record}}
     if options.draft.startswith(SELF_PREFIX):  # the graph itself came from the SkipLayers pass
         spec = parse_self_draft(options.draft)
         num_layers = target_config.num_layers

@@ -35,24 +35,34 @@ class ExitAdapter(nn.Module):
         return x + self.down(nn.functional.silu(self.gate(n)) * self.up(n))
 
 
-def save_adapter(adapter: ExitAdapter, path: Path, record: dict[str, Any]) -> None:
-    """Weights + training record, written to a temporary file and renamed (a kill loses nothing)."""
+def save_trained(module: nn.Module, path: Path, record: dict[str, Any]) -> None:
+    """A trained draft block's weights + training record, written to a temporary file and renamed
+    (a kill loses nothing). Used for exit adapters and feature heads alike."""
     tmp = Path(path).with_suffix(".tmp")
-    tensors = {name: value.detach().contiguous() for name, value in adapter.state_dict().items()}
+    tensors = {name: value.detach().contiguous() for name, value in module.state_dict().items()}
     save_file(tensors, str(tmp), metadata={"record": json.dumps(record)})
     tmp.replace(path)
 
 
-def load_adapter(path: Path) -> tuple[ExitAdapter, dict[str, Any]]:
+def load_trained(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, training record) of a trained draft block (`kind`: "exit-adapter", "feature-head")."""
     path = Path(path)
     if not path.is_file():
-        fix = "train one with skiptree tune --train-draft exit-adapter --session DIR"
-        raise SkiptreeError(f"exit adapter {path} does not exist", fix)
+        fix = f"train one with skiptree tune MODEL --train-draft {kind} --session DIR"
+        raise SkiptreeError(f"{kind} weights {path} do not exist", fix)
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as handle:
-        record = json.loads((handle.metadata() or {}).get("record", "{}"))
-    tensors = load_file(str(path))
+    try:
+        with safe_open(str(path), "pt") as handle:
+            record = json.loads((handle.metadata() or {}).get("record", "{}"))
+        return load_file(str(path)), record
+    except Exception as error:  # a truncated or foreign file: say which and what to do
+        raise SkiptreeError(f"{kind} weights {path} cannot be read ({error})",
+                            f"delete it and train again with --train-draft {kind}") from None  # fmt: skip
+
+
+def load_adapter(path: Path) -> tuple[ExitAdapter, dict[str, Any]]:
+    tensors, record = load_trained(path, "exit-adapter")
     hidden, inner = tensors["down.weight"].shape
     adapter = ExitAdapter(hidden, inner, record.get("norm_eps", 1e-5))
     adapter.load_state_dict(tensors)

@@ -29,7 +29,7 @@ import torch
 from skiptree.models.base import CausalLM
 from skiptree.models.config import ModelConfig
 
-DRAFT_HEAD_PARTS = ("small_head", "adapter")  # draft-only modules, counted with the head block
+DRAFT_HEAD_PARTS = ("small_head", "adapter", "feature_head")  # draft-only modules, in the head block
 BLOCK_KINDS = ("glue", "embed", "layer", "attention", "mlp", "norm", "head")
 
 
@@ -109,7 +109,7 @@ def block_of(node: torch.fx.Node) -> str:
             return f"layers.{parts[1]}"
         if parts and parts[0] in ("embed", "position_embed"):
             return "embed"
-        if parts and parts[0] in DRAFT_HEAD_PARTS:  # a draft's shrunk head or exit adapter
+        if parts and parts[0] in DRAFT_HEAD_PARTS:  # a draft's shrunk head, adapter, feature head
             return "head"
         if parts and parts[0] in ("norm", "head"):
             return parts[0]

@@ -29,7 +29,7 @@ class CompileOptions:
     dump_ir: Path | None = None
     verify: bool = False
     check: bool = True  # run the lowered graph against eager torch before writing the manifest
-    draft: str | None = None  # None: plain decoding; "prompt-lookup"; or a draft model source
+    draft: str | None = None  # None: plain; prompt-lookup; self:...; feature-head:WEIGHTS; a draft model
     tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
@@ -65,6 +65,12 @@ class CompileOptions:
                 if shape.size != shape.depth:
                     raise CompileOptionError(f"self-drafts draft chains, not the tree {self.tree}",
                                              "use --tree chain:K with a self-draft")  # fmt: skip
+            if self.draft.startswith("feature-head:"):
+                weights = Path(self.draft.removeprefix("feature-head:"))
+                if not weights.is_file():
+                    raise CompileOptionError(f"--draft {self.draft}: no trained feature head at {weights}",
+                                             "train one with skiptree tune MODEL --train-draft feature-head "
+                                             "--session DIR, then compile with --tuned DIR")  # fmt: skip
         if self.draft_vocab and (self.draft is None or self.draft == "prompt-lookup" or self.draft_vocab < 2):
             raise CompileOptionError(
                 f"--draft-vocab {self.draft_vocab} needs a draft with an output head and a size >= 2",

@@ -1,7 +1,7 @@
 """The compile pipeline: which passes run, in which order, as data.
 
 Phases, top to bottom (later issues fill them):
-  1. structure   — draft variants and exits cut from the target's blocks (SkipLayers, InsertEarlyExit)
+  1. structure   — drafts cut from or added to the target (SkipLayers, InsertFeatureHead, InsertEarlyExit)
   2. verification — the tree-verify step graph and KV compaction (InsertTreeVerify)
   3. cleanup     — dead ops left by the phases above (EliminateDeadCode)
 A pass that is off keeps its place as nothing: the list is built, never branched around.
@@ -13,6 +13,7 @@ from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pass_manager import Pass
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
 from skiptree.passes.insert_early_exit import InsertEarlyExit, parse_early_exit
+from skiptree.passes.insert_feature_head import FEATURE_PREFIX, InsertFeatureHead
 from skiptree.passes.insert_tree_verify import InsertTreeVerify
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SELF_PREFIX, SkipLayers, parse_self_draft
@@ -26,6 +27,8 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     structure: list[Pass] = [SkipLayers(self_draft, adapter)] if self_draft else []
     if self_draft and draft_vocab:
         structure.append(ShrinkDraftVocab(draft_vocab, "self_draft"))
+    if (options.draft or "").startswith(FEATURE_PREFIX):
+        structure.append(InsertFeatureHead(options.draft.removeprefix(FEATURE_PREFIX), draft_vocab))
     if options.early_exit:
         structure.append(InsertEarlyExit(parse_early_exit(options.early_exit), draft_vocab))
     # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.

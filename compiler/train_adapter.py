@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from skiptree.compiler.exit_adapter import ExitAdapter, load_adapter, save_adapter
+from skiptree.compiler.exit_adapter import ExitAdapter, load_adapter, save_trained
 from skiptree.compiler.self_draft_search import run_layers
 from skiptree.models.base import CausalLM
 
@@ -117,9 +117,9 @@ def train_exit_adapter(model: CausalLM, train: tuple[torch.Tensor, torch.Tensor]
                       "train_positions": int(len(targets)), "untrained_acceptance": untrained,
                       "seconds": record.get("seconds", 0.0) + time.perf_counter() - began}  # fmt: skip
             began = time.perf_counter()
-            save_adapter(adapter, checkpoint, record)
+            save_trained(adapter, checkpoint, record)
     adapter.eval()
     record = {**record, "held_out_acceptance": agreement(adapter, model, vocab, *held_out),
               "untrained_acceptance": untrained}  # fmt: skip
-    save_adapter(adapter, checkpoint, record)
+    save_trained(adapter, checkpoint, record)
     return record

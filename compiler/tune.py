@@ -48,11 +48,21 @@ def this_device() -> tuple[dict[str, Any], str]:
 def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: Sequence[str] | None = None,
          max_seq_len: int = 512, prefix: int = 256, width: int = 4, max_new_tokens: int = 64,
          threads: int = 1, temperature: float = 0.0, train_draft: str | None = None,
-         train_options: dict[str, Any] | None = None,
+         train_options: dict[str, Any] | None = None, draft_vocab: int = 0,
+         extra: dict[str, Any] | None = None,
          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
          ) -> dict[str, Any]:  # fmt: skip
-    """Run (or resume) a tuning session; returns the choice it wrote."""
+    """Run (or resume) a tuning session; returns the choice it wrote. `draft_vocab`: the draft's head
+    keeps that many frequent tokens; `extra`: more provenance for the choice (a trained draft's record)."""
     session_dir = Path(session_dir)
+    if train_draft == "feature-head":
+        from skiptree.compiler.tune_feature_head import tune_feature_head
+
+        _, fingerprint = this_device()
+        options = {k: v for k, v in (train_options or {}).items() if v is not None}
+        return tune_feature_head(target, session_dir, fingerprint, max_seq_len=max_seq_len, prefix=prefix,
+                                 max_new_tokens=max_new_tokens, threads=threads, prompts=prompts, log=log,
+                                 **options)  # fmt: skip
     if train_draft == "exit-adapter":
         from skiptree.compiler.tune_adapter import tune_exit_adapter
 
@@ -60,7 +70,8 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
         return tune_exit_adapter(target, session_dir, fingerprint, device, max_seq_len=max_seq_len,
                                  prefix=prefix, max_new_tokens=max_new_tokens, threads=threads,
                                  prompts=prompts,
-                                 log=log, **(train_options or {}))  # fmt: skip
+                                 log=log, **{k: v for k, v in (train_options or {}).items()
+                                             if k != "distill_prompts"})  # fmt: skip
     if draft == "self:auto":
         from skiptree.compiler.tune_self import tune_self_draft
 
@@ -75,8 +86,10 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
     artifact = session_dir / "artifact"
     if not is_artifact(artifact):
         log("compiling the drafting artifact into the session")
-        compile_model(target, artifact, CompileOptions(max_seq_len=max_seq_len, draft=draft,
-                                                       tree="chain:1", check=False), log=log)  # fmt: skip
+        compile_model(target, artifact, CompileOptions(max_seq_len=max_seq_len, draft=draft, tree="chain:1",
+                                                       check=False, draft_vocab=draft_vocab,
+                                                       calibration_prompts=tuple(prompts)),
+                      log=log)  # fmt: skip
     runtime = Runtime(artifact, threads=threads)
 
     def measured(kind: str, key: str, take: Callable[[], Any]) -> Any:
@@ -126,7 +139,7 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
               "draft": draft, "device": device, "max_seq_len": max_seq_len,
               "decode_ms": decode_ms, "verify_ms": verify_ms, "acceptance": acceptance,
               "draft_level_ms": level_ms, "temperature": temperature,
-              "chain_acceptance": chain_acceptance,
+              "chain_acceptance": chain_acceptance, "draft_vocab": draft_vocab, **(extra or {}),
               **{k: v for k, v in choice.items() if k != "candidates"},
               "measured_speedup": measured_speedup}  # fmt: skip
     session.write_choice(record)
@@ -141,9 +154,10 @@ def tuned_options(session_dir: Path, options: CompileOptions, model_sha256: str 
     choice = read_choice(session_dir, fingerprint, model_sha256, force)
     if choice["mode"] == "plain":
         return CompileOptions(**{**options.__dict__, "draft": None})
-    if choice.get("draft_adapter"):  # a trained exit adapter with its shrunk head
-        options = CompileOptions(**{**options.__dict__, "draft_adapter": Path(choice["draft_adapter"]),
-                                    "draft_vocab": choice["draft_vocab"]})  # fmt: skip
+    if choice.get("draft_adapter"):  # a trained exit adapter
+        options = CompileOptions(**{**options.__dict__, "draft_adapter": Path(choice["draft_adapter"])})
+    if choice.get("draft_vocab"):  # the draft's shrunk head
+        options = CompileOptions(**{**options.__dict__, "draft_vocab": choice["draft_vocab"]})
     tree_file = Path(session_dir) / "tree.json"
     tree_file.write_text(json.dumps({"parents": choice["parents"]}) + "\n")
     return CompileOptions(**{**options.__dict__, "draft": choice["draft"], "tree": str(tree_file),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from skiptree.compiler.session import TuneSession
 from skiptree.compiler.train_adapter import TrainConfig, stdlib_pieces, teacher_forced, train_exit_adapter
 from skiptree.compiler.tune_self import choice_header, measure_probe_ms
 from skiptree.compiler.tuner import VERIFY_SIZES, measure_decode_ms, measure_speedup, measure_verify_ms
+from skiptree.models.base import CausalLM
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
 from skiptree.passes.skip_layers import SelfDraftSpec
@@ -36,6 +38,38 @@ HELD_OUT_PROMPTS = (
     "Write a Python function that counts the words in a text file.",
     "What is a closure in Python? Give a short example.",
 )
+
+
+@dataclass
+class TrainingSetup:
+    """What every --train-draft session starts from: the session, the target (float32) and its
+    tokenizer, calibration and held-out prompts (token ids), and the shrunk head's tokens (persisted)."""
+
+    session: TuneSession
+    model: CausalLM
+    tokenizer: Tokenizer
+    options: CompileOptions
+    calibration: list[list[int]]
+    held_out: list[list[int]]
+    size: int
+    vocab: list[int]
+    coverage: float
+
+    @classmethod
+    def open(cls, target: str, session_dir: Path, fingerprint: str, prompts: Sequence[str] | None,
+             draft_vocab: int, log: Callable[[str], None]) -> TrainingSetup:  # fmt: skip
+        session = TuneSession.open(Path(session_dir), fingerprint)
+        folder = resolve_model_dir(target)
+        model, tokenizer = load_model(folder, torch.float32), Tokenizer.from_folder(folder)
+        options = CompileOptions(calibration_prompts=tuple(prompts or ()))
+        calibration = calibration_prompts(options, tokenizer)
+        held_out = calibration_prompts(CompileOptions(calibration_prompts=HELD_OUT_PROMPTS), tokenizer)
+        size = min(draft_vocab or model.config.vocab_size, model.config.vocab_size)
+        vocab, coverage = session.measure(
+            "draft_vocab", f"size={size}", lambda: frequent_tokens(model, calibration, size), log
+        )
+        log(f"draft head: {size} tokens, covering {coverage:.3f} of the target's calibration outputs")
+        return cls(session, model, tokenizer, options, calibration, held_out, size, list(vocab), coverage)
 
 
 def tune_exit_adapter(
@@ -55,26 +89,19 @@ def tune_exit_adapter(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     session_dir = Path(session_dir)
-    session = TuneSession.open(session_dir, fingerprint)
-    folder = resolve_model_dir(target)
-    model, tokenizer = load_model(folder, torch.float32), Tokenizer.from_folder(folder)
+    setup = TrainingSetup.open(target, session_dir, fingerprint, prompts, draft_vocab, log)
+    session, model, tokenizer, calibration = setup.session, setup.model, setup.tokenizer, setup.calibration
+    options, size, vocab, coverage = setup.options, setup.size, setup.vocab, setup.coverage
     count = model.config.num_layers
     exit_layer = exit_layer or max(1, round(count / 10))  # Kangaroo exits shallow (2 of 32 layers)
-    options = CompileOptions(calibration_prompts=tuple(prompts or ()))
-    calibration = calibration_prompts(options, tokenizer)
-    held_out = calibration_prompts(CompileOptions(calibration_prompts=HELD_OUT_PROMPTS), tokenizer)
-    size = min(draft_vocab or model.config.vocab_size, model.config.vocab_size)
-    vocab, coverage = session.measure(
-        "draft_vocab", f"size={size}", lambda: frequent_tokens(model, calibration, size), log
-    )
-    log(f"draft head: {size} tokens, covering {coverage:.3f} of the target's calibration outputs")
     config = TrainConfig(exit_layer, tuple(vocab), steps=steps)
     checkpoint = session_dir / "exit_adapter.safetensors"
     pieces, files = stdlib_pieces(tokenizer.encode, corpus_tokens)
     log(f"teacher-forcing {len(pieces)} standard-library pieces and {len(calibration)} continuations")
     own = target_continuations(model, calibration, max_new_tokens).sequences
     train = teacher_forced(model, [(1, p) for p in pieces] + own, exit_layer)
-    held = teacher_forced(model, target_continuations(model, held_out, max_new_tokens).sequences, exit_layer)
+    held_out = target_continuations(model, setup.held_out, max_new_tokens).sequences
+    held = teacher_forced(model, held_out, exit_layer)
     data = {
         "stdlib_files": len(files),
         "stdlib_tokens": len(pieces) * len(pieces[0]) if pieces else 0,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from skiptree.compiler.tree_dp import solve_tree
 from skiptree.runtime.artifact import Runtime
 from skiptree.runtime.drafters import DraftModelDrafter
+from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import generate_tokens
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import TreeShape, chain, k_ary, tree_bias
@@ -88,8 +89,14 @@ def measure_verify_ms(runtime: Runtime, nodes: int, prefix: int, repeats: int = 
 
 
 def measure_draft_level_ms(runtime: Runtime, width: int, prefix: int, repeats: int = 7) -> float:
-    """A draft model's cost for one tree level of `width` nodes (0 for table-lookup drafters)."""
+    """A draft model's or feature head's cost for one tree level of `width` nodes (0 for lookups)."""
     drafter = runtime.speculative.drafter
+    if isinstance(drafter, FeatureDrafter):  # one head call on `width` nodes after a prefix
+        rows = list(range(width))
+        bias = tree_bias([-1] * width, prefix, prefix, rows, drafter.max_seq_len, drafter.features.dtype)
+        features = np.zeros((width, drafter.features.shape[1]), dtype=drafter.features.dtype)
+        positions, slots = np.full(width, prefix + 1), np.arange(prefix, prefix + width)
+        return _median_ms(lambda: drafter.run_pairs(features, [5] * width, positions, bias, slots), repeats)
     if not isinstance(drafter, DraftModelDrafter):
         return 0.0
     model = drafter.model

@@ -11,8 +11,9 @@ already cached). In-graph it derives
     attn bias   slot s visible from node i  iff  s < prefix_len  or  A[i, s - prefix_len]
 
 and returns `next_ids [T]` (the target's argmax after each node: all that greedy verification
-needs) and `logits [1, T, V]` (bound only by sampling verification, which needs the target's
-distribution at every node).
+needs), `logits [1, T, V]` (bound only by sampling verification, which needs the target's
+distribution at every node) and `features [1, T, H]`, the last layer's output before the final
+norm (bound only by a feature-level draft head, which drafts from them).
 
 The compact graph moves accepted K/V into contiguous slots: `cache[:, :, to] = cache[:, :, from]`
 for each layer, in place (one ScatterND per cache, aliased like the step graph's).
@@ -44,7 +45,7 @@ def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
 
 
 class TreeVerifyModule(nn.Module):
-    """verify(tokens, parents, prefix_len, *caches) -> (next_ids, logits, *caches).
+    """verify(tokens, parents, prefix_len, *caches) -> (next_ids, logits, features, *caches).
 
     With `first_layer` E > 0 it runs layers E..L-1 only and its first input is `hidden [1, T, H]`,
     the residual stream after layer E-1 (from a prefix-exit self-draft that ran layers < E for these
@@ -79,7 +80,7 @@ class TreeVerifyModule(nn.Module):
         for j, layer in enumerate(self.layers):
             x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
         logits = self.model.finish(x)
-        return (logits.argmax(-1)[0], logits, *caches)
+        return (logits.argmax(-1)[0], logits, x, *caches)
 
 
 class CompactModule(nn.Module):
@@ -122,7 +123,8 @@ class InsertTreeVerify(Pass):
                    ("parents", torch.tensor([0, 0, 1]), {0: "T"}),
                    ("prefix_len", torch.tensor([1]), {})]  # fmt: skip
         outputs = [TensorSpec("next_ids", "int64", ("T",)),
-                   TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size))]  # fmt: skip
+                   TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
+                   TensorSpec("features", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
         verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer)
         ir.graphs["verify"] = export_with_caches("verify", verify, example, caches, outputs, max_tree, layers)
         caches = example_caches(model, max_len)  # compaction moves every layer's K/V

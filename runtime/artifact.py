@@ -9,6 +9,7 @@ from typing import Any
 from skiptree.errors import ModelSourceError
 from skiptree.runtime.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter
 from skiptree.runtime.early_exit import NEVER, EarlyExitStepModel
+from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
@@ -55,6 +56,10 @@ class Runtime(TextGenerator):
     def _drafter(self, spec: dict[str, Any]) -> Drafter:
         if spec["drafter"] == "prompt-lookup":
             return PromptLookupDrafter()
+        if spec["drafter"] == "feature-head":
+            graph = self.manifest["graphs"][spec["feature_head"]["graph"]]
+            head = OnnxGraph(self.folder / graph["file"], KVCache(graph["signature"]), self.session_config)
+            return FeatureDrafter(head, self.manifest["model"]["config"]["hidden_size"])
         if spec["drafter"] == "self":
             return SelfDrafter(self._graph("self_draft"), spec["self_draft"]["kind"] == "exit")
         draft = spec["draft_model"]

@@ -8,6 +8,7 @@ their subtrees: the verify step is never padded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,6 +94,43 @@ def common_prefix(first: list[int], second: list[int], limit: int) -> int:
     return length
 
 
+def children_tokens(logits: np.ndarray, count: int, sampling: SamplingConfig, rng: np.random.Generator
+                    ) -> tuple[list[int], np.ndarray | None]:  # fmt: skip
+    """A node's children from its draft logits: greedy takes the top `count` tokens, sampling draws
+    `count` without replacement from q (returned, the verifier needs it)."""
+    if not sampling.do_sample:
+        return [int(t) for t in np.argsort(-logits, kind="stable")[:count]], None
+    q = sampling_probabilities(logits, sampling)
+    count = min(count, int((q > 0).sum()))
+    return [int(t) for t in rng.choice(q.shape[0], size=count, replace=False, p=q)], q
+
+
+def grow_tree(shape: TreeShape, root_logits: np.ndarray,
+              run_level: Callable[[Draft, list[int], int], np.ndarray], sampling: SamplingConfig,
+              rng: np.random.Generator, room: int) -> Draft:  # fmt: skip
+    """Draft a tree level by level: the root's children from `root_logits`, then `run_level(draft,
+    rows, depth)` gives the draft logits of nodes `rows` (draft numbering) at `depth` (1 = the
+    root's children), whose children come next. Nodes numbered `room` or more are not expanded."""
+    children, draft = shape.children(), Draft()
+    tokens, q = children_tokens(root_logits, len(children[-1]), sampling, rng)
+    draft.child_probs[0] = q
+    frontier = [(node, draft.add(token, -1)) for node, token in zip(children[-1], tokens, strict=False)]
+    depth = 1
+    while frontier:
+        expand = [(node, ours) for node, ours in frontier if children[node] and ours < room]
+        if not expand:
+            break
+        logits = run_level(draft, [ours for _, ours in expand], depth)
+        frontier = []
+        for (node, ours), row_logits in zip(expand, logits, strict=True):
+            tokens, q = children_tokens(row_logits, len(children[node]), sampling, rng)
+            draft.child_probs[ours + 1] = q
+            kids = zip(children[node], tokens, strict=False)
+            frontier += [(kid, draft.add(token, ours)) for kid, token in kids]
+        depth += 1
+    return draft
+
+
 class DraftModelDrafter:
     """A small model with the same tokenizer drafts the tree level by level on its own KV cache:
     greedy takes the top-W tokens per node, sampling draws W without replacement from q."""
@@ -103,45 +141,19 @@ class DraftModelDrafter:
         self.model = model
         self.cached: list[int] = []  # the tokens whose K/V the draft cache holds in slots 0..
 
-    def _children_tokens(self, logits: np.ndarray, count: int, sampling: SamplingConfig,
-                         rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:  # fmt: skip
-        if not sampling.do_sample:
-            return [int(t) for t in np.argsort(-logits, kind="stable")[:count]], None
-        q = sampling_probabilities(logits, sampling)
-        count = min(count, int((q > 0).sum()))
-        return [int(t) for t in rng.choice(q.shape[0], size=count, replace=False, p=q)], q
-
     def propose(self, context, shape, sampling, rng) -> Draft:
         cache, model = self.model.cache, self.model
         # Reuse the cached prefix the context shares (a new prompt shares little or nothing); the
         # draft's scratch tree slots from the last step are dropped with the rest.
         start = common_prefix(self.cached, context, min(cache.length, len(context) - 1))
         cache.length = start
-        logits = model.forward(context[start:], ("logits",))[0][-1]  # catch up, ending at the root
+        root_logits = model.forward(context[start:], ("logits",))[0][-1]  # catch up, ending at the root
         self.cached = list(context)
-        root_slot = len(context) - 1
-        children = shape.children()
-        draft = Draft()
-        tokens, q = self._children_tokens(logits, len(children[-1]), sampling, rng)
-        draft.child_probs[0] = q
-        frontier = [(node, draft.add(token, -1)) for node, token in zip(children[-1], tokens, strict=False)]
-        depth = 1
-        while frontier:
-            expand = [(node, ours) for node, ours in frontier if children[node]]
-            room = model.max_seq_len - (root_slot + 1)
-            expand = [(node, ours) for node, ours in expand if ours < room]
-            if not expand:
-                break
-            rows = [ours for _, ours in expand]
-            bias = tree_bias(draft.parents, root_slot + 1, root_slot + 1, rows, model.max_seq_len,
-                             cache.dtype)  # fmt: skip
-            logits = model.run_tokens([draft.tokens[r] for r in rows], np.full(len(rows), root_slot + depth),
-                                      bias, np.asarray(rows) + root_slot + 1, ("logits",))[0]  # fmt: skip
-            frontier = []
-            for (node, ours), row_logits in zip(expand, logits, strict=True):
-                tokens, q = self._children_tokens(row_logits, len(children[node]), sampling, rng)
-                draft.child_probs[ours + 1] = q
-                frontier += [(kid, draft.add(token, ours))
-                             for kid, token in zip(children[node], tokens, strict=False)]  # fmt: skip
-            depth += 1
-        return draft
+        first_slot = len(context)  # draft node j lives at slot first_slot + j
+
+        def run_level(draft: Draft, rows: list[int], depth: int) -> np.ndarray:
+            bias = tree_bias(draft.parents, first_slot, first_slot, rows, model.max_seq_len, cache.dtype)
+            tokens, positions = [draft.tokens[r] for r in rows], np.full(len(rows), first_slot - 1 + depth)
+            return model.run_tokens(tokens, positions, bias, np.asarray(rows) + first_slot, ("logits",))[0]
+
+        return grow_tree(shape, root_logits, run_level, sampling, rng, model.max_seq_len - first_slot)

@@ -43,6 +43,9 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=list(config.providers))
 
 
+BATCHED = ("logits", "features")  # verify outputs with a batch dim, dropped by VerifyStepModel
+
+
 def _is_cache(name: str) -> bool:
     return name[:1] in ("k", "v") and name[1:].isdigit()
 
@@ -166,7 +169,8 @@ class VerifyStepModel(CachedSteps):
         self.max_seq_len = self.cache.max_seq_len
 
     def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
-        """Append tokens (causally); returns the requested outputs for them: logits [T, V], ids [T]."""
+        """Append tokens (causally); returns the requested outputs for them: logits [T, V], ids [T],
+        features [T, H]."""
         self.check_room(len(token_ids))
         pieces: list[list[np.ndarray]] = []
         for start in range(0, len(token_ids), self.max_tree):
@@ -176,6 +180,6 @@ class VerifyStepModel(CachedSteps):
                       "prefix_len": np.asarray([self.cache.length], dtype=np.int64)}  # fmt: skip
             values = self.graph.run(inputs, outputs)
             named = zip(outputs, values, strict=True)
-            pieces.append([value[0] if name == "logits" else value for name, value in named])
+            pieces.append([value[0] if name in BATCHED else value for name, value in named])
             self.cache.length += len(chunk)
         return [np.concatenate([piece[i] for piece in pieces]) for i in range(len(outputs))]

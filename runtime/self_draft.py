@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from skiptree.runtime.drafters import Draft
-from skiptree.runtime.onnx_step import CachedSteps, OnnxGraph
+from skiptree.runtime.onnx_step import BATCHED, CachedSteps, OnnxGraph
 from skiptree.runtime.sampling import SamplingConfig, sampling_probabilities
 from skiptree.runtime.tree import TreeShape
 
@@ -57,7 +57,7 @@ class SplitStepModel(CachedSteps):
             inputs = {"hidden": hidden[None], "parents": np.maximum(np.arange(len(chunk)) - 1, 0),
                       "prefix_len": np.asarray([self.cache.length], dtype=np.int64)}  # fmt: skip
             named = zip(outputs, self.graph.run(inputs, outputs), strict=True)
-            pieces.append([value[0] if name == "logits" else value for name, value in named])
+            pieces.append([value[0] if name in BATCHED else value for name, value in named])
             self.cache.length += len(chunk)
         return [np.concatenate([piece[i] for piece in pieces]) for i in range(len(outputs))]
 

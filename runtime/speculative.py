@@ -63,7 +63,9 @@ class SpeculativeDecoder:
                                   shape)  # fmt: skip
 
     def _verify(self, root: int, tokens: list[int], parents: list[int], greedy: bool,
-                hidden: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+        """(next_ids [n + 1] or logits [n + 1, V], and the target's features [n + 1, H] when the
+        drafter drafts from them)."""
         cache = self.step.cache
         inputs = {"tokens": np.asarray([[root, *tokens]], dtype=np.int64),
                   "parents": np.asarray([0, *(p + 1 for p in parents)], dtype=np.int64),
@@ -71,9 +73,23 @@ class SpeculativeDecoder:
         if hidden is not None:  # a prefix-exit self-draft: verification starts at its exit layer
             del inputs["tokens"]
             inputs["hidden"] = hidden[None, : len(tokens) + 1]
-        if greedy:
-            return self.verify_graph.run(inputs, ("next_ids",))[0]
-        return self.verify_graph.run(inputs, ("logits",))[0][0]
+        outputs = ("next_ids",) if greedy else ("logits",)
+        values = self.verify_graph.run(inputs, outputs + (("features",) if self.wants_features else ()))
+        target = values[0] if greedy else values[0][0]
+        return target, (values[1][0] if self.wants_features else None)
+
+    @property
+    def wants_features(self) -> bool:
+        return getattr(self.drafter, "wants_features", False)
+
+    def _prefill(self, prompt_ids: list[int]) -> np.ndarray:
+        """The prompt's last logits; a feature drafter gets the prompt's features."""
+        if not self.wants_features:
+            return self.step.prefill(prompt_ids)
+        self.step.cache.length = 0
+        logits, features = self.step.forward(prompt_ids, ("logits", "features"))
+        self.drafter.observe(features, reset=True)
+        return logits[-1]
 
     def _compact(self, accepted: list[int]) -> None:
         start = self.step.cache.length
@@ -92,20 +108,26 @@ class SpeculativeDecoder:
         drafted_at = time.perf_counter()
         root = context[-1]
         if not tokens:
-            logits = self.step.forward([root], ("logits",))[0][-1]
-            new = [choose_token(logits, sampling, rng)]
+            if self.wants_features:
+                logits, features = self.step.forward([root], ("logits", "features"))
+                self.drafter.observe(features)
+            else:
+                logits = self.step.forward([root], ("logits",))[0]
+            new = [choose_token(logits[-1], sampling, rng)]
             accepted: list[int] = []
             children: list[list[int]] = [[]]
         else:
             full = [root, *tokens]
             children = children_of([0, *(p + 1 for p in parents)])
-            target = self._verify(root, tokens, parents, not sampling.do_sample, draft.hidden)
+            target, features = self._verify(root, tokens, parents, not sampling.do_sample, draft.hidden)
             if sampling.do_sample:
                 probs = np.stack([sampling_probabilities(row, sampling) for row in target])
                 result = accept_sampling(full, children, probs, draft.child_probs[: keep + 1], rng)
             else:
                 result = accept_greedy(full, children, target)
             accepted = result.nodes
+            if features is not None:
+                self.drafter.observe(features[[0, *accepted]])
             self._compact(accepted)
             new = [full[node] for node in accepted] + [result.bonus]
         first_rank = children[0].index(accepted[0]) if accepted else None
@@ -122,7 +144,7 @@ class SpeculativeDecoder:
         rng, eos = np.random.default_rng(seed), set(eos_token_ids)
         result = SpeculativeResult(prompt_ids=prompt_ids)
         start = time.perf_counter()
-        new = [choose_token(self.step.prefill(prompt_ids), sampling, rng)]
+        new = [choose_token(self._prefill(prompt_ids), sampling, rng)]
         result.prefill_seconds = time.perf_counter() - start
         start, context = time.perf_counter(), list(prompt_ids)
         while True:

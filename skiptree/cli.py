@@ -68,7 +68,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def train_options(args: argparse.Namespace) -> dict:
-    options = {"exit_layer": args.exit_layer, "draft_vocab": args.draft_vocab, "steps": args.train_steps}
+    options = {"exit_layer": args.exit_layer, "draft_vocab": args.draft_vocab, "steps": args.train_steps,
+               "distill_prompts": args.distill_prompts}
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -226,12 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prompt-lookup, a draft model, or self:auto (search the self-drafts)")
     tune.add_argument("--prompts", type=Path, default=None,
                       help="calibration prompts, separated by blank lines (default: built-in set)")
-    tune.add_argument("--train-draft", choices=("exit-adapter",), default=None,
-                      help="train a cheap draft (Kangaroo exit adapter + shrunk head) into the session")
+    tune.add_argument("--train-draft", choices=("exit-adapter", "feature-head"), default=None,
+                      help="train a cheap draft into the session: a Kangaroo exit adapter or an EAGLE-style "
+                           "feature head, each with a shrunk head")
     tune.add_argument("--exit-layer", type=int, default=None,
                       help="--train-draft: exit after this layer (default L/10)")
     tune.add_argument("--draft-vocab", type=int, default=None, help="--train-draft: draft head tokens (8192)")
-    tune.add_argument("--train-steps", type=int, default=None, help="--train-draft: optimiser steps (1500)")
+    tune.add_argument("--train-steps", type=int, default=None,
+                      help="--train-draft: optimiser steps (exit-adapter 1500, feature-head 1000)")
+    tune.add_argument("--distill-prompts", type=int, default=None,
+                      help="--train-draft feature-head: requests the target answers for training data (1024)")
     tune.add_argument("--max-seq-len", type=int, default=512)
     tune.add_argument("--max-new-tokens", type=int, default=64)
     tune.add_argument("--threads", type=int, default=1)
