@@ -19,6 +19,7 @@ from typing import Any
 from skiptree.compiler.feature_head import KIND, check_family
 from skiptree.compiler.self_distill import distill, docstring_prompts
 from skiptree.compiler.self_draft_search import target_continuations
+from skiptree.compiler.session import SessionError
 from skiptree.compiler.train_adapter import stdlib_pieces
 from skiptree.compiler.train_feature_head import FeatureTrainConfig, train_feature_head
 from skiptree.compiler.train_feature_head import teacher_forced_features as features_of
@@ -30,7 +31,7 @@ def tune_feature_head(
     session_dir: Path,
     fingerprint: str,
     draft_vocab: int = 8192,
-    steps: int = 1000,
+    steps: int = 800,
     distill_prompts: int = 1024,
     corpus_tokens: int = 20_000,
     max_seq_len: int = 512,
@@ -67,9 +68,13 @@ def tune_feature_head(
             "held_out_prompts": list(HELD_OUT_PROMPTS)}  # fmt: skip
     config = FeatureTrainConfig(tuple(setup.vocab), steps=steps)
     checkpoint = session_dir / "feature_head.safetensors"
-    record = session.measure(
-        "feature_head", f"vocab={setup.size},steps={steps},positions={train.positions}",
-        lambda: train_feature_head(model, train, held, config, checkpoint, data, log), log)  # fmt: skip
+    key = f"vocab={setup.size},steps={steps},unroll={config.unroll},positions={train.positions}"
+    other = [k for kind, k in session.records if kind == "feature_head" and k != key]
+    if other:  # its later measurements (acceptance, the artifact) belong to that head
+        raise SessionError(f"session {session_dir} already holds a feature head trained with other settings "
+                           f"({other[0]})", "use a new --session DIR for new settings")  # fmt: skip
+    train_head = lambda: train_feature_head(model, train, held, config, checkpoint, data, log)  # noqa: E731
+    record = session.measure("feature_head", key, train_head, log)
     log(f"feature head: held-out acceptance of its first draft {record['untrained_acceptance']:.3f} "
         f"untrained -> {record['held_out_acceptance']:.3f} trained ({record['train_positions']} positions, "
         f"{record['seconds']:.0f} s)")  # fmt: skip

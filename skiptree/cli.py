@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--train-draft: exit after this layer (default L/10)")
     tune.add_argument("--draft-vocab", type=int, default=None, help="--train-draft: draft head tokens (8192)")
     tune.add_argument("--train-steps", type=int, default=None,
-                      help="--train-draft: optimiser steps (exit-adapter 1500, feature-head 1000)")
+                      help="--train-draft: optimiser steps (exit-adapter 1500, feature-head 800)")
     tune.add_argument("--distill-prompts", type=int, default=None,
                       help="--train-draft feature-head: requests the target answers for training data (1024)")
     tune.add_argument("--max-seq-len", type=int, default=512)
