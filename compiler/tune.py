@@ -59,10 +59,9 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
         from skiptree.compiler.tune_feature_head import tune_feature_head
 
         _, fingerprint = this_device()
-        options = {k: v for k, v in (train_options or {}).items() if v is not None}
         return tune_feature_head(target, session_dir, fingerprint, max_seq_len=max_seq_len, prefix=prefix,
                                  max_new_tokens=max_new_tokens, threads=threads, prompts=prompts, log=log,
-                                 **options)  # fmt: skip
+                                 **(train_options or {}))  # fmt: skip
     if train_draft == "exit-adapter":
         from skiptree.compiler.tune_adapter import tune_exit_adapter
 
@@ -70,8 +69,7 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
         return tune_exit_adapter(target, session_dir, fingerprint, device, max_seq_len=max_seq_len,
                                  prefix=prefix, max_new_tokens=max_new_tokens, threads=threads,
                                  prompts=prompts,
-                                 log=log, **{k: v for k, v in (train_options or {}).items()
-                                             if k != "distill_prompts"})  # fmt: skip
+                                 log=log, **(train_options or {}))  # fmt: skip
     if draft == "self:auto":
         from skiptree.compiler.tune_self import tune_self_draft
 

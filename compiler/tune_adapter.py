@@ -87,6 +87,7 @@ def tune_exit_adapter(
     threads: int = 1,
     prompts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    **_: Any,  # options of the other --train-draft kinds (distill_prompts)
 ) -> dict[str, Any]:
     session_dir = Path(session_dir)
     setup = TrainingSetup.open(target, session_dir, fingerprint, prompts, draft_vocab, log)

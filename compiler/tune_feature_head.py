@@ -55,25 +55,29 @@ def tune_feature_head(
     eos = model.config.eos_token_ids
     answers = session.measure("distilled", f"prompts={len(requests)},tokens={max_new_tokens}",
                               lambda: distill(model, encoded, max_new_tokens, eos=eos), log)  # fmt: skip
-    pieces, files = stdlib_pieces(tokenizer.encode, corpus_tokens)
-    own = target_continuations(model, setup.calibration, max_new_tokens).sequences
-    log(f"teacher-forcing {len(answers)} answers of the target, {len(own)} continuations and "
-        f"{len(pieces)} standard-library pieces")  # fmt: skip
-    train = features_of(model, [tuple(a) for a in answers] + own + [(1, p) for p in pieces])
-    held = features_of(model, target_continuations(model, setup.held_out, max_new_tokens).sequences)
-    data = {"target_answers": len(answers), "answer_tokens": sum(len(s) - f for f, s in answers),
-            "answer_prompts": "standard-library docstrings (compiler/self_distill.py)",
-            "own_continuation_prompts": len(own), "stdlib_files": len(files),
-            "stdlib_tokens": sum(len(p) for p in pieces),
-            "held_out_prompts": list(HELD_OUT_PROMPTS)}  # fmt: skip
     config = FeatureTrainConfig(tuple(setup.vocab), steps=steps)
     checkpoint = session_dir / "feature_head.safetensors"
-    key = f"vocab={setup.size},steps={steps},unroll={config.unroll},positions={train.positions}"
+    key = (f"vocab={setup.size},steps={steps},unroll={config.unroll},answers={len(answers)},"
+           f"corpus={corpus_tokens},tokens={max_new_tokens}")  # fmt: skip
     other = [k for kind, k in session.records if kind == "feature_head" and k != key]
     if other:  # its later measurements (acceptance, the artifact) belong to that head
         raise SessionError(f"session {session_dir} already holds a feature head trained with other settings "
                            f"({other[0]})", "use a new --session DIR for new settings")  # fmt: skip
-    train_head = lambda: train_feature_head(model, train, held, config, checkpoint, data, log)  # noqa: E731
+
+    def train_head() -> dict[str, Any]:  # teacher forcing only when the head is not trained yet
+        pieces, files = stdlib_pieces(tokenizer.encode, corpus_tokens)
+        own = target_continuations(model, setup.calibration, max_new_tokens).sequences
+        log(f"teacher-forcing {len(answers)} answers of the target, {len(own)} continuations and "
+            f"{len(pieces)} standard-library pieces")  # fmt: skip
+        train = features_of(model, [tuple(a) for a in answers] + own + [(1, p) for p in pieces])
+        held = features_of(model, target_continuations(model, setup.held_out, max_new_tokens).sequences)
+        data = {"target_answers": len(answers), "answer_tokens": sum(len(s) - f for f, s in answers),
+                "answer_prompts": "standard-library docstrings (compiler/self_distill.py)",
+                "own_continuation_prompts": len(own), "stdlib_files": len(files),
+                "stdlib_tokens": sum(len(p) for p in pieces),
+                "held_out_prompts": list(HELD_OUT_PROMPTS)}  # fmt: skip
+        return train_feature_head(model, train, held, config, checkpoint, data, log)
+
     record = session.measure("feature_head", key, train_head, log)
     log(f"feature head: held-out acceptance of its first draft {record['untrained_acceptance']:.3f} "
         f"untrained -> {record['held_out_acceptance']:.3f} trained ({record['train_positions']} positions, "
