@@ -30,7 +30,7 @@ from skiptree.models.loader import load_model
 from skiptree.models.zoo import fetch
 from skiptree.passes.insert_early_exit import EarlyExitSpec, parse_early_exit
 from skiptree.runtime.generation import generate_tokens
-from skiptree.runtime.onnx_step import OnnxStepModel
+from skiptree.runtime.onnx_step import GraphStepModel
 from skiptree.runtime.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,7 +50,7 @@ class PlainSteps:
         return self.model.prefill(ids)
 
     def decode(self, token):
-        return OnnxStepModel.decode(self.model, token)
+        return GraphStepModel.decode(self.model, token)
 
 
 def main() -> None:

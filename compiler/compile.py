@@ -35,7 +35,7 @@ from skiptree.models.loader import load_model, weight_files
 from skiptree.models.reference import ReferenceStepper
 from skiptree.models.source import resolve_model_dir
 from skiptree.passes.insert_early_exit import parse_early_exit
-from skiptree.runtime.artifact import step_model_of
+from skiptree.runtime.artifact import open_backend, step_model_of
 from skiptree.runtime.device import device_description, device_fingerprint
 from skiptree.runtime.generator import read_eos_token_ids
 from skiptree.runtime.manifest import MANIFEST, file_sha256, write_manifest
@@ -55,12 +55,30 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[str, Any], max_tree: int) -> dict[str, Any]:
+def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[[str], None]
+          ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Lower the IR's graphs for the chosen backend; returns the manifest's graphs and backend entries."""
+    if options.backend == "tvm":
+        from skiptree.compiler.lower_tvm import tvm_lowering
+
+        phase("lowering to TVM (torch.export -> Relax -> tvm.compile; about a minute for a 135M model)")
+        files, backend = tvm_lowering(ir, building, options, phase)
+    else:
+        phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
+        files = {name: {"file": file} for name, file in lower_to_onnx(ir, building).items()}
+        backend = {"name": "onnxruntime", "version": onnxruntime.__version__,
+                   "optimization_level": options.optimization_level, "threads": options.threads}  # fmt: skip
+    graphs = {name: {**entry, "signature": ir.graphs[name].signature_json()} for name, entry in files.items()}
+    return graphs, backend
+
+
+def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[str, Any], backend: dict[str, Any],
+                        max_tree: int) -> dict[str, Any]:  # fmt: skip
     """Prefill + decode a few tokens on both the lowered graph and eager torch; compare."""
     stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
-    manifest = {"graphs": graphs, "speculative": {"max_tree": max_tree},
+    manifest = {"graphs": graphs, "speculative": {"max_tree": max_tree}, "backend": backend,
                 "model": {"config": ir.config.to_json()}}  # fmt: skip
-    lowered = step_model_of(folder, manifest, SessionConfig(threads=0))
+    lowered = step_model_of(open_backend(folder, manifest, SessionConfig(threads=0)), manifest)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
     steps = min(CHECK_TOKENS, ir.max_seq_len - CHECK_TOKENS)
     expected = [stepper.prefill(prompt)]
@@ -126,14 +144,11 @@ def compile_model(
     ir = PassManager(pipeline, verify=options.verify, dump_dir=options.dump_ir, log=log).run(ir)
 
     with atomic_folder(out_dir, replace=True) as building:  # an older artifact is replaced
-        phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
-        files = lower_to_onnx(ir, building)
-        signatures = {name: ir.graphs[name].signature_json() for name in files}
+        graphs, backend = lower(ir, building, options, phase)
         check = None
         if options.check:
             phase("checking the lowered graph against eager torch")
-            graphs = {name: {"file": files[name], "signature": signatures[name]} for name in files}
-            check = check_against_eager(ir, building, graphs, options.max_tree)
+            check = check_against_eager(ir, building, graphs, backend, options.max_tree)
             log(f"         max |logit error| {check['max_abs_logit_error']:.2e}, "
                 f"argmax agreement {check['argmax_agreement']:.2f} over {check['steps']} steps")
         speculative = None
@@ -157,17 +172,16 @@ def compile_model(
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, building / "tokenizer" / name)
-        device = device_description("onnxruntime", onnxruntime.__version__)
+        device = device_description(backend["name"], backend["version"])
         write_manifest(building, {
             "skiptree_version": skiptree.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": {"source": str(source), "model_type": ir.config.model_type,
                       "weights_sha256": weights_sha256(folder), "config": ir.config.to_json()},
-            "backend": {"name": "onnxruntime", "version": onnxruntime.__version__,
-                        "optimization_level": options.optimization_level, "threads": options.threads},
+            "backend": backend,
             "device": {**device, "fingerprint": device_fingerprint(device)},
             "max_seq_len": options.max_seq_len,
-            "graphs": {name: {"file": files[name], "signature": signatures[name]} for name in files},
+            "graphs": graphs,
             "tokenizer": {"folder": "tokenizer", "eos_token_ids": read_eos_token_ids(folder, tokenizer)},
             "pipeline": [{"name": r.name, "options": r.options, "modified": r.modified}
                          for r in ir.passes_run],

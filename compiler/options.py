@@ -11,7 +11,7 @@ from pathlib import Path
 
 from skiptree.errors import SkiptreeError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tvm")
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 DEFAULT_MAX_SEQ_LEN = 2048  # attention runs over all S slots: a smaller S is a faster step
 
@@ -37,6 +37,10 @@ class CompileOptions:
     draft_vocab: int = 0  # > 0: the draft's head keeps only this many frequent tokens (ShrinkDraftVocab)
     early_exit: str | None = None  # "min-agreement=0.95[,exits=8+16][,gate=softmax]": lossy (CALM)
     calibration_prompts: tuple[str, ...] = ()  # for early exit; () = the tuner's built-in prompts
+    tvm_database: Path | None = None  # a MetaSchedule database (a tune session's) for --backend tvm
+    tvm_trials: int = 0  # > 0: MetaSchedule-tune into tvm_database first (a total; resumes count records)
+    tvm_trials_per_task: int = 64
+    tvm_static_tokens: tuple[int, ...] = ()  # token counts with a static (tunable) entry; () = 1 and the tree
 
     def validate(self, context: int) -> CompileOptions:
         """Check against the model's context; returns the options with max_seq_len resolved."""
@@ -46,6 +50,11 @@ class CompileOptions:
         if self.optimization_level not in OPTIMIZATION_LEVELS:
             raise CompileOptionError(f"optimization level '{self.optimization_level}' is unknown",
                                      f"use one of: {', '.join(OPTIMIZATION_LEVELS)}")  # fmt: skip
+        if self.backend == "tvm":
+            self._check_tvm()
+        elif self.tvm_database is not None or self.tvm_trials:
+            raise CompileOptionError("--tvm-database / --tvm-trials apply to --backend tvm only",
+                                     "add --backend tvm or drop them")  # fmt: skip
         if self.dtype not in ("float32", "float64"):
             raise CompileOptionError(f"dtype '{self.dtype}' is not supported", "use float32 or float64")
         if self.draft is not None:
@@ -89,3 +98,21 @@ class CompileOptions:
                 f"pass a value from 2 to {context}",
             )
         return CompileOptions(**{**self.__dict__, "max_seq_len": max_seq_len})
+
+    def _check_tvm(self) -> None:
+        """What the TVM lowering does not cover (yet): say so before any work is done."""
+        if self.early_exit is not None:
+            raise CompileOptionError("--early-exit is not lowered to TVM (its in-graph torch.cond)",
+                                     "use --backend onnxruntime for early exit")  # fmt: skip
+        free = ("prompt-lookup", "self:", "feature-head:")
+        if self.draft is not None and not self.draft.startswith(free):
+            raise CompileOptionError(f"--draft {self.draft}: separate draft models are lowered to ONNX only",
+                                     "use --backend onnxruntime, or a self-draft / prompt lookup with tvm")
+        if self.tvm_trials and self.tvm_database is None:
+            raise CompileOptionError("--tvm-trials needs a folder for the tuning database",
+                                     "add --tvm-database DIR (created, or resumed)")  # fmt: skip
+        if self.tvm_database is not None and not self.tvm_trials and not (
+            Path(self.tvm_database) / "database_workload.json"
+        ).is_file():
+            raise CompileOptionError(f"{self.tvm_database} holds no MetaSchedule database",
+                                     "run skiptree tune MODEL --backend tvm --session DIR first")  # fmt: skip

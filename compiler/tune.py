@@ -12,13 +12,14 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnxruntime
 
 from skiptree.compiler.compile import compile_model
-from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.compiler.session import TuneSession, read_choice
 from skiptree.compiler.tune_report import write_report
 from skiptree.compiler.tuner import (
@@ -40,21 +41,52 @@ from skiptree.runtime.device import device_description, device_fingerprint
 CHAIN_DEPTH = 8  # chain used to measure how acceptance changes with depth
 
 
-def this_device() -> tuple[dict[str, Any], str]:
-    device = device_description("onnxruntime", onnxruntime.__version__)
+def this_device(backend: str = "onnxruntime") -> tuple[dict[str, Any], str]:
+    if backend == "tvm":
+        import tvm
+
+        device = device_description("tvm", tvm.__version__)
+    else:
+        device = device_description("onnxruntime", onnxruntime.__version__)
     return device, device_fingerprint(device)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend a session measures; for TVM, the MetaSchedule budget spent before measuring."""
+
+    name: str = "onnxruntime"
+    trials: int = 1000
+    trials_per_task: int = 64
+
+    def compile_options(self, session_dir: Path, threads: int, max_seq_len: int, prefix: int
+                        ) -> dict[str, Any]:  # fmt: skip
+        """CompileOptions fields for the session's artifact: TVM gets a static, tuned entry per verify
+        size of the T(n) grid (+1 for the root) and a decode step, tuned into the session."""
+        if self.name != "tvm":
+            return {}
+        sizes = (1, *(n + 1 for n in VERIFY_SIZES if n + 1 + prefix < max_seq_len))
+        return {"backend": "tvm", "threads": threads, "tvm_database": session_dir / "tvm_database",
+                "tvm_trials": self.trials, "tvm_trials_per_task": self.trials_per_task,
+                "tvm_static_tokens": sizes}  # fmt: skip
 
 
 def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: Sequence[str] | None = None,
          max_seq_len: int = 512, prefix: int = 256, width: int = 4, max_new_tokens: int = 64,
          threads: int = 1, temperature: float = 0.0, train_draft: str | None = None,
          train_options: dict[str, Any] | None = None, draft_vocab: int = 0,
-         extra: dict[str, Any] | None = None,
+         extra: dict[str, Any] | None = None, backend: BackendChoice | None = None,
          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
          ) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) a tuning session; returns the choice it wrote. `draft_vocab`: the draft's head
-    keeps that many frequent tokens; `extra`: more provenance for the choice (a trained draft's record)."""
+    keeps that many frequent tokens; `extra`: more provenance for the choice (a trained draft's record);
+    `backend`: TVM sessions tune schedules first and measure the tuned code."""
     session_dir = Path(session_dir)
+    backend = backend or BackendChoice()
+    if backend.name == "tvm" and (train_draft or draft == "self:auto"):
+        raise CompileOptionError(f"tune --backend tvm does not run {train_draft or draft} sessions yet",
+                                 "tune those with --backend onnxruntime; tvm tunes prompt-lookup or a "
+                                 "fixed --draft self:...")  # fmt: skip
     if train_draft == "feature-head":
         from skiptree.compiler.tune_feature_head import tune_feature_head
 
@@ -78,16 +110,17 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
                                max_new_tokens, threads, log)  # fmt: skip
     prompts = list(prompts or CALIBRATION_PROMPTS)
     prefix = min(prefix, max_seq_len // 2)  # room for the largest verify tree after the prefix
-    device, fingerprint = this_device()
+    device, fingerprint = this_device(backend.name)
     session = TuneSession.open(session_dir, fingerprint)
     log(f"session {session_dir}: {len(session.records)} measurements already taken on this device")
     artifact = session_dir / "artifact"
     if not is_artifact(artifact):
         log("compiling the drafting artifact into the session")
-        compile_model(target, artifact, CompileOptions(max_seq_len=max_seq_len, draft=draft, tree="chain:1",
-                                                       check=False, draft_vocab=draft_vocab,
-                                                       calibration_prompts=tuple(prompts)),
-                      log=log)  # fmt: skip
+        backend_options = backend.compile_options(session_dir, threads, max_seq_len, prefix)
+        options = CompileOptions(max_seq_len=max_seq_len, draft=draft, tree="chain:1", check=False,
+                                 draft_vocab=draft_vocab, calibration_prompts=tuple(prompts),
+                                 **backend_options)  # fmt: skip
+        compile_model(target, artifact, options, log=log)
     runtime = Runtime(artifact, threads=threads)
 
     def measured(kind: str, key: str, take: Callable[[], Any]) -> Any:
@@ -138,6 +171,8 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
               "decode_ms": decode_ms, "verify_ms": verify_ms, "acceptance": acceptance,
               "draft_level_ms": level_ms, "temperature": temperature,
               "chain_acceptance": chain_acceptance, "draft_vocab": draft_vocab, **(extra or {}),
+              "backend": backend.name, "threads": threads,
+              "tvm_tuning": runtime.manifest["backend"].get("tuning"),
               **{k: v for k, v in choice.items() if k != "candidates"},
               "measured_speedup": measured_speedup}  # fmt: skip
     session.write_choice(record)
@@ -148,8 +183,12 @@ def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: 
 def tuned_options(session_dir: Path, options: CompileOptions, model_sha256: str | None = None,
                   force: bool = False) -> CompileOptions:  # fmt: skip
     """The compile options a finished session chose (refused if tuned on another device or model)."""
-    _, fingerprint = this_device()
+    backend = "tvm" if (Path(session_dir) / "tvm_database").is_dir() else "onnxruntime"
+    _, fingerprint = this_device(backend)  # a TVM session's measurements hold for TVM only
     choice = read_choice(session_dir, fingerprint, model_sha256, force)
+    if choice.get("backend") == "tvm":  # the schedules were tuned for that target: compile for it
+        options = CompileOptions(**{**options.__dict__, "backend": "tvm", "threads": choice["threads"],
+                                    "tvm_database": Path(session_dir) / "tvm_database"})  # fmt: skip
     if choice["mode"] == "plain":
         return CompileOptions(**{**options.__dict__, "draft": None})
     if choice.get("draft_adapter"):  # a trained exit adapter

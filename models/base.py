@@ -125,17 +125,19 @@ def attend(
     q: [B, H, T, D]; k_new, v_new: [B, Hkv, T, D]; k_cache, v_cache: [B, Hkv, S, D], updated in
     place; attn_bias: [B, 1, T, S]. Returns [B, T, H * D].
 
-    The write indexes the three leading dims, so it lowers to one ScatterND per cache (whose
-    output the runtime aliases with its input: no copy). Grouped-query attention groups the
-    queries ([B, Hkv, G*T, D]) instead of repeating K/V, so the cache is never copied either.
+    The write indexes all four dims (TVM's importer wants one index per dim); ONNX gets one
+    ScatterND per cache, whose output the runtime aliases with its input: no copy. Grouped-query
+    attention groups the queries ([B, Hkv, G*T, D]) instead of repeating K/V, so the cache is never
+    copied either.
     """
     batch, heads, steps, dim = q.shape
     kv_heads = k_cache.shape[1]
     groups = heads // kv_heads
     index = (
-        torch.arange(batch).view(batch, 1, 1),
-        torch.arange(kv_heads).view(1, kv_heads, 1),
-        write_slots.view(1, 1, steps),
+        torch.arange(batch).view(batch, 1, 1, 1),
+        torch.arange(kv_heads).view(1, kv_heads, 1, 1),
+        write_slots.view(1, 1, steps, 1),
+        torch.arange(dim).view(1, 1, 1, dim),
     )
     k_cache.index_put_(index, k_new)
     v_cache.index_put_(index, v_new)

@@ -37,7 +37,8 @@ def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
     """[T, T] float, A[i, j] = 1 iff j is i or an ancestor of i. parents[0] (the root) is ignored."""
     steps = parents.shape[0]
     nodes = torch.arange(steps)
-    edges = (parents.clamp(min=0)[:, None] == nodes[None, :]) & (nodes[:, None] > 0)
+    # where(), not clamp(min=0): TVM legalises an int clamp's open bound as an infinite int
+    edges = (torch.where(parents > 0, parents, 0)[:, None] == nodes[None, :]) & (nodes[:, None] > 0)
     reach = (edges | (nodes[:, None] == nodes[None, :])).float()
     for _ in range(squarings):  # after k squarings, paths of length up to 2^k are covered
         reach = (reach @ reach).clamp(max=1.0)
@@ -88,8 +89,9 @@ class CompactModule(nn.Module):
 
     def forward(self, from_slots, to_slots, *caches):
         batch, heads = caches[0].shape[:2]
-        index = (torch.arange(batch).view(batch, 1, 1), torch.arange(heads).view(1, heads, 1),
-                 to_slots.view(1, 1, -1))  # fmt: skip
+        dim = caches[0].shape[3]
+        index = (torch.arange(batch).view(batch, 1, 1, 1), torch.arange(heads).view(1, heads, 1, 1),
+                 to_slots.view(1, 1, -1, 1), torch.arange(dim).view(1, 1, 1, dim))  # fmt: skip
         for cache in caches:
             cache.index_put_(index, cache.index_select(2, from_slots))
         return caches

@@ -13,7 +13,14 @@ from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
-from skiptree.runtime.onnx_step import KVCache, OnnxGraph, OnnxStepModel, SessionConfig, VerifyStepModel
+from skiptree.runtime.onnx_step import (
+    GraphStepModel,
+    KVCache,
+    OnnxGraph,
+    OnnxStepModel,
+    SessionConfig,
+    VerifyStepModel,  # fmt: skip
+)
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.self_draft import SelfDrafter, SplitStepModel
 from skiptree.runtime.speculative import SpeculativeDecoder
@@ -32,33 +39,30 @@ class Runtime(TextGenerator):
         self.folder = Path(folder)
         self.manifest: dict[str, Any] = read_manifest(self.folder, check_hashes=check_hashes)
         backend = self.manifest["backend"]
-        if backend["name"] != "onnxruntime":
-            raise ModelSourceError(f"artifact backend '{backend['name']}' is not supported here",
-                                   "recompile with --backend onnxruntime")  # fmt: skip
         self.session_config = SessionConfig(
             threads=backend.get("threads", 0) if threads is None else threads,
             optimization_level=backend.get("optimization_level", "extended"),
         )
-        self.step_model = step_model_of(self.folder, self.manifest, self.session_config)
+        self.backend = open_backend(self.folder, self.manifest, self.session_config)
+        self.step_model = step_model_of(self.backend, self.manifest)
         self.tokenizer = Tokenizer.from_folder(self.folder / self.manifest["tokenizer"]["folder"])
         self.eos_token_ids = list(self.manifest["tokenizer"]["eos_token_ids"])
         spec = self.manifest.get("speculative")
         self.speculative = self._speculative_decoder(spec) if spec and speculative else None
 
-    def _graph(self, name: str) -> OnnxGraph:
+    def _graph(self, name: str):
         if name == "verify" and isinstance(self.step_model, VerifyStepModel | SplitStepModel):
             return self.step_model.graph  # one session (one copy of the weights) serves both
         if name == "self_draft" and isinstance(self.step_model, SplitStepModel):
             return self.step_model.draft_graph
-        return OnnxGraph(self.folder / self.manifest["graphs"][name]["file"], self.step_model.cache,
-                         self.session_config)  # fmt: skip
+        return self.backend.graph(name, self.step_model.cache)
 
     def _drafter(self, spec: dict[str, Any]) -> Drafter:
         if spec["drafter"] == "prompt-lookup":
             return PromptLookupDrafter()
         if spec["drafter"] == "feature-head":
-            graph = self.manifest["graphs"][spec["feature_head"]["graph"]]
-            head = OnnxGraph(self.folder / graph["file"], KVCache(graph["signature"]), self.session_config)
+            name = spec["feature_head"]["graph"]
+            head = self.backend.graph(name, self.backend.cache(self.manifest["graphs"][name]["signature"]))
             return FeatureDrafter(head, self.manifest["model"]["config"]["hidden_size"])
         if spec["drafter"] == "self":
             return SelfDrafter(self._graph("self_draft"), spec["self_draft"]["kind"] == "exit")
@@ -93,22 +97,46 @@ class Runtime(TextGenerator):
         return f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}{mode}"
 
 
-def step_model_of(folder: Path, manifest: dict[str, Any], config: SessionConfig):
+class OnnxBackend:
+    """Opens an artifact's ONNX graphs: caches are `KVCache`s, graphs ORT sessions bound to them."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], config: SessionConfig):
+        self.folder, self.graphs, self.config = Path(folder), manifest["graphs"], config
+
+    def cache(self, signature: dict, num_layers: int | None = None) -> KVCache:
+        return KVCache(signature, num_layers)
+
+    def graph(self, name: str, cache: KVCache) -> OnnxGraph:
+        return OnnxGraph(self.folder / self.graphs[name]["file"], cache, self.config)
+
+
+def open_backend(folder: Path, manifest: dict[str, Any], config: SessionConfig):
+    """The backend that runs the artifact's graphs (TVM is imported only for TVM artifacts)."""
+    name = manifest.get("backend", {}).get("name", "onnxruntime")
+    if name == "onnxruntime":
+        return OnnxBackend(folder, manifest, config)
+    if name == "tvm":
+        from skiptree.runtime.tvm_step import TvmBackend
+
+        return TvmBackend(folder, manifest, config)
+    raise ModelSourceError(f"artifact backend '{name}' is not supported by this skiptree",
+                           "recompile with --backend onnxruntime or --backend tvm")  # fmt: skip
+
+
+def step_model_of(backend, manifest: dict[str, Any]):
     """The artifact's step model: its "step" graph, or its verify graph when it has no step graph."""
     graphs = manifest["graphs"]
     if "exit_step" in graphs:
         threshold = (manifest.get("early_exit") or {}).get("threshold", NEVER)
-        return EarlyExitStepModel(folder / graphs["step"]["file"], graphs["step"]["signature"],
-                                  folder / graphs["exit_step"]["file"], threshold, config)  # fmt: skip
+        cache = backend.cache(graphs["step"]["signature"])
+        return EarlyExitStepModel(backend.graph("step", cache), backend.graph("exit_step", cache), threshold)
     if "step" in graphs:
-        return OnnxStepModel(folder / graphs["step"]["file"], graphs["step"]["signature"], config)
+        return GraphStepModel(backend.graph("step", backend.cache(graphs["step"]["signature"])))
     verify, max_tree = graphs["verify"], manifest["speculative"]["max_tree"]
     if "self_draft" in graphs and verify["signature"]["inputs"][0]["name"] == "hidden":  # a prefix exit
-        cache = KVCache(verify["signature"], num_layers=manifest["model"]["config"]["num_layers"])
-        draft = OnnxGraph(folder / graphs["self_draft"]["file"], cache, config)
-        return SplitStepModel(draft, OnnxGraph(folder / verify["file"], cache, config), max_tree)
-    graph = OnnxGraph(folder / verify["file"], KVCache(verify["signature"]), config)
-    return VerifyStepModel(graph, max_tree)
+        cache = backend.cache(verify["signature"], num_layers=manifest["model"]["config"]["num_layers"])
+        return SplitStepModel(backend.graph("self_draft", cache), backend.graph("verify", cache), max_tree)
+    return VerifyStepModel(backend.graph("verify", backend.cache(verify["signature"])), max_tree)
 
 
 def is_artifact(path: Path) -> bool:

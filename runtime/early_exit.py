@@ -7,22 +7,20 @@ session holds its own copy of the weights: memory is about twice a plain artifac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from skiptree.runtime.onnx_step import OnnxGraph, OnnxStepModel, SessionConfig
+from skiptree.runtime.onnx_step import GraphStepModel
 
 NEVER = 2.0  # a threshold no gate reaches: the full model
 
 
-class EarlyExitStepModel(OnnxStepModel):
-    """A `StepModel` whose decode steps may exit early; `layers_run` lists each decode step's depth."""
+class EarlyExitStepModel(GraphStepModel):
+    """A `StepModel` whose decode steps may exit early; `layers_run` lists each decode step's depth.
+    `exit_graph` shares the step graph's cache."""
 
-    def __init__(self, step_path: Path, signature: dict, exit_path: Path, threshold: float,
-                 config: SessionConfig | None = None):  # fmt: skip
-        super().__init__(step_path, signature, config)
-        self.exit_graph = OnnxGraph(exit_path, self.cache, config or SessionConfig())
+    def __init__(self, step_graph, exit_graph, threshold: float):
+        super().__init__(step_graph)
+        self.exit_graph = exit_graph
         self.threshold = threshold
         self.layers_run: list[int] = []
 

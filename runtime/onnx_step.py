@@ -46,7 +46,7 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
 BATCHED = ("logits", "features")  # verify outputs with a batch dim, dropped by VerifyStepModel
 
 
-def _is_cache(name: str) -> bool:
+def is_cache(name: str) -> bool:
     return name[:1] in ("k", "v") and name[1:].isdigit()
 
 
@@ -56,7 +56,7 @@ class KVCache:
     def __init__(self, signature: dict, num_layers: int | None = None):
         """Shaped like the cache inputs of a graph's `signature`; `num_layers` when the graph runs
         only some of the model's layers."""
-        specs = [spec for spec in signature["inputs"] if _is_cache(spec["name"])]
+        specs = [spec for spec in signature["inputs"] if is_cache(spec["name"])]
         self.num_layers = num_layers or len(specs) // 2
         self.layer_shape = [int(d) for d in specs[0]["shape"]]  # [B, Hkv, S, D]
         self.max_seq_len = self.layer_shape[2]
@@ -126,13 +126,11 @@ class CachedSteps:
         return self.forward([token_id], ("logits",))[0][-1]
 
 
-class OnnxStepModel(CachedSteps):
-    """Prefill and decode through the "step" graph (a `StepModel` for the decoding loop)."""
+class GraphStepModel(CachedSteps):
+    """Prefill and decode through a "step" graph of any backend (a `StepModel` for the decoding loop)."""
 
-    def __init__(self, path: Path, signature: dict, config: SessionConfig | None = None,
-                 cache: KVCache | None = None):  # fmt: skip
-        self.cache = cache or KVCache(signature)
-        self.graph = OnnxGraph(path, self.cache, config or SessionConfig())
+    def __init__(self, graph):
+        self.graph, self.cache = graph, graph.cache
         self.max_seq_len = self.cache.max_seq_len
 
     def causal_bias(self, steps: int) -> np.ndarray:
@@ -159,13 +157,23 @@ class OnnxStepModel(CachedSteps):
         return values
 
 
+class OnnxStepModel(GraphStepModel):
+    """A `GraphStepModel` over an ONNX file's "step" graph."""
+
+    def __init__(self, path: Path, signature: dict, config: SessionConfig | None = None,
+                 cache: KVCache | None = None):  # fmt: skip
+        super().__init__(OnnxGraph(path, cache or KVCache(signature), config or SessionConfig()))
+
+
 class VerifyStepModel(CachedSteps):
     """The "step" of a speculative artifact, run through its verify graph, which subsumes it: a
     chain tree is a causal step. One graph then holds the weights once (two graphs would load two
     copies). Prefill goes in chunks of at most `max_tree` tokens, the verify graph's largest tree."""
 
     def __init__(self, graph: OnnxGraph, max_tree: int):
-        self.graph, self.cache, self.max_tree = graph, graph.cache, max_tree
+        self.graph, self.cache = graph, graph.cache
+        # a TVM graph prefills in its largest tuned (static) size; ORT in the largest tree
+        self.max_tree = min(max_tree, getattr(graph, "largest_static_tokens", None) or max_tree)
         self.max_seq_len = self.cache.max_seq_len
 
     def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:

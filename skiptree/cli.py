@@ -56,6 +56,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         draft_vocab=args.draft_vocab,
         early_exit=args.early_exit,
         calibration_prompts=tuple(read_prompts(args.calibration)) if args.calibration else (),
+        tvm_database=args.tvm_database,
+        tvm_trials=args.tvm_trials,
+        tvm_trials_per_task=args.tvm_trials_per_task,
     )
     if args.tuned is not None:
         from skiptree.compiler.compile import weights_sha256
@@ -74,13 +77,14 @@ def train_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from skiptree.compiler.tune import tune
+    from skiptree.compiler.tune import BackendChoice, tune
 
     prompts = read_prompts(args.prompts) if args.prompts else None
+    backend = BackendChoice(args.backend, args.trials, args.trials_per_task)
     choice = tune(args.model, args.session, draft=args.draft, prompts=prompts, max_seq_len=args.max_seq_len,
                   threads=args.threads, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, train_draft=args.train_draft,
-                  train_options=train_options(args))  # fmt: skip
+                  train_options=train_options(args), backend=backend)  # fmt: skip
     keys = ("mode", "draft", "predicted_speedup", "measured_speedup", "parents")
     print(json.dumps({key: choice.get(key) for key in keys}))
     return 0
@@ -132,7 +136,7 @@ def _load_generator(model: str, args: argparse.Namespace):
 
 
 def _engine(generator) -> str:
-    return "onnxruntime" if hasattr(generator, "manifest") else "reference"
+    return generator.manifest["backend"]["name"] if hasattr(generator, "manifest") else "reference"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -192,10 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--quiet", action="store_true", help="no progress bars")
     fetch.set_defaults(run=cmd_fetch)
 
-    comp = commands.add_parser("compile", help="compile a model into an artifact (ONNX Runtime)")
+    comp = commands.add_parser("compile", help="compile a model into an artifact (ONNX Runtime or TVM)")
     comp.add_argument("model", help="zoo name (fetched on first use), HF model folder, or .gguf file")
     comp.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
-    comp.add_argument("--backend", default="onnxruntime", help="lowering target (default onnxruntime)")
+    comp.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tvm"),
+                      help="lowering target (default onnxruntime)")
+    comp.add_argument("--tvm-database", type=Path, default=None, metavar="DIR",
+                      help="tvm: apply this MetaSchedule database (with --tvm-trials: tune into it first)")
+    comp.add_argument("--tvm-trials", type=int, default=0, metavar="N",
+                      help="tvm: MetaSchedule trials in all for the per-step graph (a rerun resumes)")
+    comp.add_argument("--tvm-trials-per-task", type=int, default=64, metavar="N")
     comp.add_argument("--max-seq-len", type=int, default=None,
                       help="KV cache slots = longest prompt + output (default min(context, 2048))")
     comp.add_argument("--optimization-level", default="extended",
@@ -237,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--train-draft: optimiser steps (exit-adapter 1500, feature-head 800)")
     tune.add_argument("--distill-prompts", type=int, default=None,
                       help="--train-draft feature-head: requests the target answers for training data (1024)")
+    tune.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tvm"),
+                      help="tvm: MetaSchedule-tune the verify graph first (database kept in the session), "
+                           "then measure T(n) on the tuned code")  # fmt: skip
+    tune.add_argument("--trials", type=int, default=1000, help="--backend tvm: MetaSchedule trials in all")
+    tune.add_argument("--trials-per-task", type=int, default=64, help="--backend tvm: at most per task")
     tune.add_argument("--max-seq-len", type=int, default=512)
     tune.add_argument("--max-new-tokens", type=int, default=64)
     tune.add_argument("--threads", type=int, default=1)

@@ -144,3 +144,27 @@ def test_draft_levels_cost_at_most_a_wider_level():
 
     padded = padded_level_ms({1: 279.0, 2: 180.0, 4: 215.0, 8: 455.0})
     assert padded == {1: 180.0, 2: 180.0, 4: 215.0, 8: 455.0}
+
+
+def test_tvm_session_tunes_schedules_measures_tvm_and_compiles_for_tvm(tiny_artifact, tmp_path):
+    """--backend tvm: MetaSchedule into the session, T(n) on the tuned TVM code, a TVM artifact."""
+    from skiptree.compiler.compile import compile_model
+    from skiptree.compiler.tune import BackendChoice
+    from skiptree.compiler.tune_tvm import recorded_trials
+
+    folder, _ = tiny_artifact
+    session_dir = tmp_path / "session"
+    messages: list[str] = []
+    choice = tune(str(folder), session_dir, max_seq_len=48, max_new_tokens=12, log=messages.append,
+                  backend=BackendChoice("tvm", trials=3, trials_per_task=1))  # fmt: skip
+    assert choice["backend"] == "tvm" and choice["device"]["backend"] == "tvm"
+    assert recorded_trials(session_dir / "tvm_database") >= 1
+    manifest = json.loads((session_dir / "artifact" / "manifest.json").read_text())
+    assert manifest["backend"]["name"] == "tvm"
+    assert manifest["graphs"]["verify"]["static_tokens"] == [1, 2, 3, 5, 9, 17]  # the T(n) grid + root
+    assert set(choice["verify_ms"]) == {1, 2, 4, 8, 16}
+    options = tuned_options(session_dir, CompileOptions())
+    assert options.backend == "tvm" and options.tvm_database == session_dir / "tvm_database"
+    if choice["mode"] != "plain":
+        artifact = compile_model(folder, tmp_path / "tuned", options, log=messages.append)
+        assert json.loads((artifact / "manifest.json").read_text())["backend"]["name"] == "tvm"
