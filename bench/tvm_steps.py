@@ -6,7 +6,7 @@ of the same model with max_seq_len 512; a step is measured after a 256-token pre
 come from a MetaSchedule database kept in --work (tuning resumes there; its trials and time are
 reported). Writes bench/results/tvm_steps.{json,md}.
 
-    .venv/bin/python bench/tvm_steps.py [--work DIR] [--trials 512] [--nodes 4]
+    .venv/bin/python bench/tvm_steps.py [--work DIR] [--trials 640] [--nodes 4]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def build(model: Path, work: Path, trials: int, nodes: tuple[int, ...]) -> dict[
         "onnxruntime": CompileOptions(**common),
         "tvm untuned": CompileOptions(backend="tvm", tvm_static_tokens=static, **common),
         "tvm tuned": CompileOptions(backend="tvm", tvm_static_tokens=static, tvm_trials=trials,
-                                    tvm_database=work / "tvm_database", tvm_trials_per_task=32, **common),
+                                    tvm_database=work / "tvm_database", tvm_trials_per_task=16, **common),
     }  # fmt: skip
     folders = {}
     for name, option in options.items():
@@ -53,7 +53,7 @@ def build(model: Path, work: Path, trials: int, nodes: tuple[int, ...]) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("bench/.work/tvm_steps"))
-    parser.add_argument("--trials", type=int, default=512, help="MetaSchedule trials in all")
+    parser.add_argument("--trials", type=int, default=640, help="MetaSchedule trials in all")
     parser.add_argument("--nodes", default="4", help="verify sizes (drafts), comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

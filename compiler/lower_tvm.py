@@ -83,22 +83,33 @@ def _parameter_names(step: StepGraph) -> list[str]:
 def import_graph(step: StepGraph, static_tokens: tuple[int, ...] = ()) -> ImportedGraph:
     """Import a step graph into Relax with its weights as arguments; add `tokens_N` static entries.
 
-    Weight-only computations (the transpose of every linear's weight) are lifted out of the entries
-    (`LiftTransformParams`) and run here, once: the artifact stores the weights as the entries take
-    them, so no call copies a weight.
+    Each static entry is its own import with the token dim bound to N: `FuseTransposeMatmul`
+    (which turns `matmul(x, permute_dims(W))` into one TIR function reading W, or a layer's K cache,
+    as stored, instead of a transposed copy made on every call) refuses constants shared between
+    functions, and the fused functions of a static entry are static too, so MetaSchedule tunes them.
+    Weight-only computations left after that are lifted out (`LiftTransformParams`) and run here,
+    once: the artifact stores the weights as the entries take them.
     """
     with quiet_native_logs():
         logging.getLogger("torch").setLevel(logging.ERROR)
-        module = from_exported_program(step.program, keep_params_as_input=True)
-        module, params = relax.frontend.detach_params(module)
-        values = [tensor.numpy() for tensor in params.get("main", [])]
+        main, params = _import_main(step)
+        values = [tensor.numpy() for tensor in params]
         names = _parameter_names(step)
         state = step.program.state_dict
         if [tuple(state[name].shape) for name in names] != [value.shape for value in values]:
             raise RuntimeError(f"graph {step.name}: the Relax parameters are not the exported program's")
+        functions, made = {"main": main}, []
+        token_dim = _token_dim(main)
+        for tokens in sorted({t for t in static_tokens if token_dim and 1 <= t <= token_dim[1]}):
+            fresh = _import_main(step)[0]
+            entry = f"{STATIC_PREFIX}{tokens}"
+            functions[entry] = fresh.bind_symbolic_vars({_token_dim(fresh)[0]: tokens}).with_attr(
+                "global_symbol", entry)  # fmt: skip
+            made.append(tokens)
         module = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                           relax.transform.CanonicalizeBindings()])(module)  # fmt: skip
-        module, made = _with_static_entries(module, static_tokens)
+                                           relax.transform.CanonicalizeBindings(),
+                                           relax.transform.FuseTransposeMatmul()])(
+            tvm.IRModule(functions))  # fmt: skip
         if not values:
             return ImportedGraph(module, [], [], made)
         module = relax.transform.LiftTransformParams(shared_transform=True)(module)
@@ -106,6 +117,21 @@ def import_graph(step: StepGraph, static_tokens: tuple[int, ...] = ()) -> Import
         del module["transform_params"]
         values = run_transform(transform, values)
     return ImportedGraph(module, [weight_key(value) for value in values], values, made)
+
+
+def _import_main(step: StepGraph) -> tuple[relax.Function, list]:
+    module = from_exported_program(step.program, keep_params_as_input=True)
+    module, params = relax.frontend.detach_params(module)
+    return module["main"], params.get("main", [])
+
+
+def _token_dim(function: relax.Function) -> tuple[str, int] | None:
+    """(name, upper bound) of the function's one dynamic dim (the token count), if it has one."""
+    bounds = function.attrs.get("tir_var_upper_bound") if function.attrs is not None else None
+    if not bounds or len(bounds) != 1:
+        return None
+    name = next(iter(bounds.keys()))
+    return str(name), int(bounds[name])
 
 
 def weight_key(value: np.ndarray) -> str:
@@ -123,22 +149,6 @@ def run_transform(transform: relax.Function, values: list[np.ndarray]) -> list[n
     machine = relax.VirtualMachine(executable, tvm.cpu())
     outputs = machine["transform_params"]([tvm.runtime.tensor(value) for value in values])
     return [output.numpy() for output in outputs]
-
-
-def _with_static_entries(module: tvm.IRModule, static_tokens: tuple[int, ...]
-                         ) -> tuple[tvm.IRModule, list[int]]:  # fmt: skip
-    main = module["main"]
-    bounds = main.attrs.get("tir_var_upper_bound") if main.attrs is not None else None
-    dynamic = [str(name) for name in bounds.keys()] if bounds else []
-    made = []
-    if len(dynamic) == 1:  # the token dim "T"; static graphs (no dynamic dim) need no copies
-        upper = int(bounds[dynamic[0]])
-        for tokens in sorted({t for t in static_tokens if 1 <= t <= upper}):
-            entry = f"{STATIC_PREFIX}{tokens}"
-            static = main.bind_symbolic_vars({dynamic[0]: tokens}).with_attr("global_symbol", entry)
-            module[entry] = relax.utils.copy_with_new_vars(static)  # a Var belongs to one function
-            made.append(tokens)
-    return module, made
 
 
 def legalize(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -209,7 +219,9 @@ def tvm_lowering(ir: ModelIR, folder: Path, options: Any, log: Callable[[str], N
     target = host_target(options.threads or 1)
     static_tokens = options.tvm_static_tokens or (
         (1,) if options.draft is None else (1, parse_tree(options.tree).size + 1))
-    tuning, tuned = ScheduleTuning(options.tvm_trials, options.tvm_trials_per_task, options.threads or 1), {}
+    tuning = ScheduleTuning(options.tvm_trials, options.tvm_trials_per_task, options.threads or 1,
+                            options.tvm_tune_only)  # fmt: skip
+    tuned: dict[str, Any] = {}
 
     def tune(name: str, imported: ImportedGraph) -> None:
         if options.tvm_trials and name in ("verify", "step"):  # the graphs decoding runs every step

@@ -40,6 +40,7 @@ class CompileOptions:
     tvm_database: Path | None = None  # a MetaSchedule database (a tune session's) for --backend tvm
     tvm_trials: int = 0  # > 0: MetaSchedule-tune into tvm_database first (a total; resumes count records)
     tvm_trials_per_task: int = 64
+    tvm_tune_only: tuple[str, ...] = ()  # tune only tasks whose name contains one of these (() = all)
     tvm_static_tokens: tuple[int, ...] = ()  # token counts with a static (tunable) entry; () = 1 and the tree
 
     def validate(self, context: int) -> CompileOptions:

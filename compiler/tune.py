@@ -58,6 +58,7 @@ class BackendChoice:
     name: str = "onnxruntime"
     trials: int = 1000
     trials_per_task: int = 64
+    only: tuple[str, ...] = ()  # tune only tasks whose name contains one of these (() = all)
 
     def compile_options(self, session_dir: Path, threads: int, max_seq_len: int, prefix: int
                         ) -> dict[str, Any]:  # fmt: skip
@@ -68,6 +69,7 @@ class BackendChoice:
         sizes = (1, *(n + 1 for n in VERIFY_SIZES if n + 1 + prefix < max_seq_len))
         return {"backend": "tvm", "threads": threads, "tvm_database": session_dir / "tvm_database",
                 "tvm_trials": self.trials, "tvm_trials_per_task": self.trials_per_task,
+                "tvm_tune_only": self.only,
                 "tvm_static_tokens": sizes}  # fmt: skip
 
 

@@ -105,10 +105,11 @@ class TvmGraph:
         if tokens in self.static_tokens:
             return f"{STATIC_PREFIX}{tokens}", inputs, tokens
         bucket = min((n for n in self.static_tokens if n > tokens), default=None)
-        room = bucket is not None and int(inputs["prefix_len"][0]) + bucket <= self.cache.max_seq_len
-        if self.pads_trees and room:
-            return f"{STATIC_PREFIX}{bucket}", pad_tree(inputs, bucket), tokens
-        return "main", inputs, tokens
+        if not self.pads_trees or bucket is None:
+            return "main", inputs, tokens
+        if int(inputs["prefix_len"][0]) + bucket > self.cache.max_seq_len:  # no room for the padding
+            return "main", inputs, tokens
+        return f"{STATIC_PREFIX}{bucket}", pad_tree(inputs, bucket), tokens
 
     def run(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
         """Run with the given non-cache inputs; returns the requested outputs, in order."""
