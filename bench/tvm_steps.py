@@ -89,8 +89,8 @@ def main() -> None:
         cells = [f"{v:.1f} ms ({v / by['onnxruntime']:.2f}x)" for v in by.values()]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     graph = tuning.get("verify", {})
-    lines += ["", f"Tuning: {graph.get('trials')} MetaSchedule trials over {graph.get('tasks')} matmul tasks "
-              f"(token counts {graph.get('token_counts')}), {graph.get('seconds')} s in the run that tuned "
+    lines += ["", f"Tuning: {graph.get('trials')} MetaSchedule trials over {graph.get('tasks')} tasks "
+              f"(token counts {graph.get('token_counts')}); this run tuned for {graph.get('seconds')} s "
               "(a resumed run reports only its own time)."]  # fmt: skip
     (RESULTS / "tvm_steps.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

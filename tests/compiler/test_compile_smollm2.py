@@ -56,3 +56,20 @@ def test_manifest_check_and_chat(smollm2_pair):
     chat = runtime.generate("What is 2 + 2?", max_new_tokens=24, chat=True)
     assert chat.prompt_ids == reference.encode_prompt("What is 2 + 2?", chat=True)
     assert "4" in chat.text
+
+
+def test_tvm_artifact_decodes_as_the_reference(smollm2_pair, tmp_path):
+    """SmolLM2 lowered to TVM (untuned), speculative with a padded prompt-lookup tree."""
+    from skiptree.models.zoo import fetch
+
+    reference, _ = smollm2_pair
+    artifact = skiptree.compile(fetch("smollm2-135m", progress=False), tmp_path / "tvm", max_seq_len=256,
+                                backend="tvm", draft="prompt-lookup", tree="chain:3")  # fmt: skip
+    runtime = skiptree.load(artifact)
+    assert runtime.manifest["check"]["max_abs_logit_error"] < 1e-3
+    for prompt in PROMPTS[:2]:
+        expected = reference.generate(prompt, max_new_tokens=24).token_ids
+        got = runtime.generate(prompt, max_new_tokens=24).token_ids
+        if got != expected:  # accept only a numeric tie at the first divergence
+            k = next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)
+            assert is_tie(reference.step_model.prefill(reference.encode_prompt(prompt) + expected[:k]))
