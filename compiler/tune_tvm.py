@@ -104,12 +104,17 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
     if remaining > 0:
         log(f"         tuning {remaining} more trials (at most {tuning.trials_per_task} per task; "
             "one in-process build worker; a killed run resumes from what is recorded)")  # fmt: skip
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, work_dir=str(database_dir), num_threads=tuning.threads)
-        handler = _ProgressLines(log, done)
         logger = logging.getLogger("tvm.s_tir.meta_schedule")
-        logger.addHandler(handler)
+        # MetaSchedule rebuilds its logging config from the names of this logger's handlers; an
+        # unnamed one (pytest's log capture, seen in CI) breaks that (None.format): keep them off
+        unnamed = [handler for handler in logger.handlers if handler.get_name() is None]
+        for handler in unnamed:
+            logger.removeHandler(handler)
+        progress = _ProgressLines(log, done)
         try:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, work_dir=str(database_dir), num_threads=tuning.threads)
+            logger.addHandler(progress)  # after the logging config is built: it is unnamed too
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(database_dir),
                 max_trials_global=remaining, max_trials_per_task=tuning.trials_per_task,
@@ -119,7 +124,9 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
                 database=ms.database.JSONDatabase(work_dir=str(database_dir)),
             )  # fmt: skip
         finally:
-            logger.removeHandler(handler)
+            logger.removeHandler(progress)
+            for handler in unnamed:
+                logger.addHandler(handler)
     seconds = time.perf_counter() - start
     total = recorded_trials(database_dir)
     log(f"         {total} trials recorded ({total - done} this run, {seconds:.0f} s)")
