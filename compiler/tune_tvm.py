@@ -5,18 +5,22 @@ plain step, n + 1 for a tree of n drafts), legalised to TIR, and its distinct TI
 are tuned for this machine's CPU. Every measured candidate is committed to a JSON database as it is
 taken, so a killed session resumes: the trials already recorded count against the budget. A later
 `skiptree compile --backend tvm --tuned DIR` (or `--tvm-database DIR/tvm_database`) applies the best
-record of every task it finds there; the untuned rest keep dlight's default schedules.
+record of every task it finds there. The step matmuls are not tasks: `tvm_schedules` schedules
+them by hand (MetaSchedule measures candidates with the weights hot in cache; a step streams them
+from memory), so the budget goes to the rest (softmax, norms, rotary, elementwise).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skiptree.compiler.lower_tvm import ImportedGraph, legalize, quiet_native_logs, static_module
+from skiptree.compiler.tvm_schedules import IS_SCHEDULED
 
 DATABASE_DIR = "tvm_database"
 RECORDS_FILE = "database_tuning_record.json"
@@ -30,10 +34,7 @@ class ScheduleTuning:
     trials: int = 1000
     trials_per_task: int = 64
     threads: int = 1
-    # tasks whose name contains one of these (() = all). Measured on SmolLM2 (1 token): tuning the
-    # matmuls alone took the step from 466 to 72 ms, of which the matmuls were 14 ms: the cache
-    # copies, transposes and softmax left untuned cost the rest, so all tasks are tuned by default
-    only: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()  # tasks whose name contains one of these (() = all)
 
 
 def recorded_trials(database_dir: Path) -> int:
@@ -42,45 +43,64 @@ def recorded_trials(database_dir: Path) -> int:
     return sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
 
 
-def in_process_builder() -> Any:
-    """A single-worker MetaSchedule builder that builds in this process.
+def worker_builder(timeout_sec: float = 60.0, uses: int = 256) -> Any:
+    """A MetaSchedule builder with one build worker process that lives across batches.
 
-    `LocalBuilder` starts a fresh worker process for every batch (to dodge a worker memory leak);
-    measured here, that start costs ~40 s a batch on 2 busy cores, more than building 32 candidates.
-    Builds of MetaSchedule's own schedules do not crash in practice, so one in-process worker does.
+    `LocalBuilder` starts fresh worker processes for every batch (to dodge a worker memory leak):
+    measured here, ~40 s a batch on 2 busy cores, more than building 32 candidates. Building in
+    this process instead has no timeout, and some candidates never finish (an argmax and a softmax
+    candidate of SmolLM2's step each ran for minutes inside TVM's lowering). So: one persistent
+    worker, killed and restarted on a candidate that takes over `timeout_sec` (a failed trial) and
+    every `uses` builds (the leak).
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    pool = PopenPoolExecutor(max_workers=1, timeout=timeout_sec, maximum_process_uses=uses)
 
     @derived_object
-    class InProcessBuilder(ms.builder.PyBuilder):
+    class WorkerBuilder(ms.builder.PyBuilder):
         def build(self, build_inputs: list) -> list:
+            jobs = [(None, None, build_input.mod, build_input.target, None) for build_input in build_inputs]
             results = []
-            for build_input in build_inputs:
-                try:
-                    with quiet_native_logs():
-                        path = default_export(default_build(build_input.mod, build_input.target, None))
-                    results.append(ms.builder.BuilderResult(path, None))
-                except Exception as exc:  # a candidate that does not build is a failed trial, not a crash
-                    results.append(ms.builder.BuilderResult(None, f"in-process build failed: {exc}"))
+            for outcome in pool.map_with_error_catching(lambda job: _worker_func(*job), jobs):
+                if outcome.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(outcome.value, None))
+                elif outcome.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(None, f"build timed out after {timeout_sec} s"))
+                else:
+                    results.append(ms.builder.BuilderResult(None, f"build failed: {outcome.value}"))
             return results
 
-    return InProcessBuilder()
+    return WorkerBuilder()
 
 
 class _ProgressLines(logging.Handler):
     """Forwards MetaSchedule's per-round summary lines ("Total trials: ...") to our log."""
 
-    def __init__(self, log: Callable[[str], None], done: int):
+    def __init__(self, log: Callable[[str], None]):
         super().__init__(logging.INFO)
-        self.log, self.done = log, done
+        self.log = log
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         for line in message.splitlines():
             if line.startswith("Total trials:") or "Task #" in line and "Updated" in line:
                 self.log(f"         {line.strip()}")
+
+
+def _worth_tuning(task: Any, tuning: ScheduleTuning) -> bool:
+    """Not a task: functions `tvm_schedules` scheduled (MetaSchedule itself checks only the module's
+    attrs); plain reshapes (views at run time: never run); argmax (~0.1 ms a step, and some of its
+    candidates were seen to build for minutes)."""
+    name, attrs = task.task_name, task.dispatched[0]["main"].attrs
+    if attrs is not None and bool(attrs.get(IS_SCHEDULED, False)):
+        return False
+    if re.fullmatch(r"reshape\d*", name) or name.startswith("argmax"):
+        return False
+    return not tuning.only or any(part in name for part in tuning.only)
 
 
 def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tuning: ScheduleTuning,
@@ -94,8 +114,8 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
     database_dir.mkdir(parents=True, exist_ok=True)
     module = static_module(legalize(imported.module, target))
     with quiet_native_logs():
-        tasks = [task for task in ms.relax_integration.extract_tasks(module, target)
-                 if not tuning.only or any(name in task.task_name for name in tuning.only)]  # fmt: skip
+        tasks = ms.relax_integration.extract_tasks(module, target)
+    tasks = [task for task in tasks if _worth_tuning(task, tuning)]
     done = recorded_trials(database_dir)
     remaining = tuning.trials - done
     log(f"MetaSchedule: {len(tasks)} tasks for token counts {imported.static_tokens}; "
@@ -103,14 +123,14 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
     start = time.perf_counter()
     if remaining > 0:
         log(f"         tuning {remaining} more trials (at most {tuning.trials_per_task} per task; "
-            "one in-process build worker; a killed run resumes from what is recorded)")  # fmt: skip
+            "one build worker; a killed run resumes from what is recorded)")  # fmt: skip
         logger = logging.getLogger("tvm.s_tir.meta_schedule")
         # MetaSchedule rebuilds its logging config from the names of this logger's handlers; an
         # unnamed one (pytest's log capture, seen in CI) breaks that (None.format): keep them off
         unnamed = [handler for handler in logger.handlers if handler.get_name() is None]
         for handler in unnamed:
             logger.removeHandler(handler)
-        progress = _ProgressLines(log, done)
+        progress = _ProgressLines(log)
         try:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 tasks, work_dir=str(database_dir), num_threads=tuning.threads)
@@ -119,7 +139,7 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
                 tasks=contexts, task_weights=weights, work_dir=str(database_dir),
                 max_trials_global=remaining, max_trials_per_task=tuning.trials_per_task,
                 num_trials_per_iter=min(8, tuning.trials_per_task),  # a first round reaches every task
-                builder=in_process_builder(),
+                builder=worker_builder(),
                 runner=ms.runner.LocalRunner(timeout_sec=60),
                 database=ms.database.JSONDatabase(work_dir=str(database_dir)),
             )  # fmt: skip

@@ -141,8 +141,13 @@ def attend(
     )
     k_cache.index_put_(index, k_new)
     v_cache.index_put_(index, v_new)
-    grouped = (q * dim**-0.5).reshape(batch, kv_heads, groups * steps, dim)
-    scores = (grouped @ k_cache.transpose(-1, -2)).view(batch, kv_heads, groups, steps, -1)
+    # Scores as a 3-D bmm over (B * Hkv): TVM fuses K's transpose into the matmul (reads K as
+    # stored) only when nothing stands between them, and a 4-D matmul brings broadcasts (a copy of
+    # K per layer and step). V stays 4-D: a bmm over a flattened V cache exported wrong inside
+    # early exit's `If` branches (tests/passes/test_insert_early_exit.py caught it).
+    grouped = (q * dim**-0.5).reshape(batch * kv_heads, groups * steps, dim)
+    scores = torch.bmm(grouped, k_cache.flatten(0, 1).transpose(1, 2))
+    scores = scores.view(batch, kv_heads, groups, steps, -1)
     weights = torch.softmax(scores + attn_bias.unsqueeze(1), dim=-1)
     out = weights.view(batch, kv_heads, groups * steps, -1) @ v_cache  # [B, Hkv, G*T, D]
     # permute, then reshape: a view of the grouped layout breaks export's dynamic-T guards.

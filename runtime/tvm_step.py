@@ -1,13 +1,15 @@
 """Run graphs lowered to TVM (Relax VirtualMachine) with the same surface as the ONNX Runtime graphs.
 
-Relax is functional: a graph takes each layer's cache as an argument and returns the updated cache
-as a new tensor. `TvmCache` holds the current tensors and every call replaces them with the call's
-outputs, so graphs sharing a `TvmCache` (verify, compact, a self-draft) always see one cache. The
-weights are loaded once (`TvmWeights`) and passed to every call by reference.
+A graph takes each layer's cache as an argument and returns the updated cache (Relax is
+functional; the compiler makes the write an in-place scatter into the argument, so the returned
+tensor is the argument itself and nothing is copied). `TvmCache` holds the current tensors and
+every call replaces them with the call's outputs, so graphs sharing a `TvmCache` (verify, compact,
+a self-draft) always see one cache. The weights are loaded once (`TvmWeights`) and passed to every
+call by reference.
 
 A call with N tokens runs the graph's static entry `tokens_N` when it has one (tuned by
 MetaSchedule for this N); a verify call pads its tree up to the next static entry (`pad_tree`);
-anything else runs the dynamic entry `main` (untuned: dlight's default schedules).
+anything else runs the dynamic entry `main` (our matmul schedules, untuned for the rest).
 """
 
 from __future__ import annotations
