@@ -160,13 +160,18 @@ def versions() -> dict:
     return found
 
 
-def main() -> None:
+def decode_arguments() -> argparse.ArgumentParser:
+    """The options every decode benchmark takes (threads, new tokens, context, rounds)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = decode_arguments().parse_args()
     torch.set_num_threads(args.threads)
     folder = fetch("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:

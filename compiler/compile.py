@@ -65,7 +65,7 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
         files, backend = tvm_lowering(ir, building, options, phase)
     else:
         phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
-        files = {name: {"file": file} for name, file in lower_to_onnx(ir, building).items()}
+        files = lower_to_onnx(ir, building)
         backend = {"name": "onnxruntime", "version": onnxruntime.__version__,
                    "optimization_level": options.optimization_level, "threads": options.threads}  # fmt: skip
     graphs = {name: {**entry, "signature": ir.graphs[name].signature_json()} for name, entry in files.items()}

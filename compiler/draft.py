@@ -14,11 +14,13 @@ from skiptree.compiler.exit_adapter import load_trained
 from skiptree.compiler.feature_head import KIND
 from skiptree.compiler.lower_onnx import export_onnx
 from skiptree.compiler.options import CompileOptionError, CompileOptions
+from skiptree.compiler.quantize import parse_quantize, quantize_onnx_file
 from skiptree.compiler.trace import trace_model
 from skiptree.models.config import ModelConfig
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
 from skiptree.passes.insert_feature_head import FEATURE_PREFIX
+from skiptree.passes.quantize_weights import QuantizeWeights
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SELF_PREFIX, parse_self_draft
 from skiptree.runtime.tokenizer import Tokenizer
@@ -66,8 +68,12 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
     ir = trace_model(model, options.max_seq_len)
     if draft_vocab:  # the same tokenizer, so the target's frequent ids are the draft's
         ir = ShrinkDraftVocab(draft_vocab, "step").run(ir).ir
-    export_onnx(ir.graphs["step"], building / "draft_step.onnx")
+    path = export_onnx(ir.graphs["step"], building / "draft_step.onnx")
+    quantization = None
+    if options.draft_quantize:  # a draft model's IR is its own: its "step" is all draft
+        ir = QuantizeWeights.of(parse_quantize(options.draft_quantize)).run(ir).ir
+        quantization = quantize_onnx_file(path, ir.weight_quantization["step"], model.config.vocab_size)
     return {**entry, "drafter": "draft-model", "draft_model": {
         "source": str(options.draft), "model_type": model.config.model_type,
-        "config": model.config.to_json(), "file": "draft_step.onnx",
+        "config": model.config.to_json(), "file": "draft_step.onnx", "quantization": quantization,
         "signature": ir.graphs["step"].signature_json()}}  # fmt: skip

@@ -87,6 +87,7 @@ class ModelIR:
     blocks: nx.DiGraph
     passes_run: list[PassRecord] = field(default_factory=list)
     draft_adapters: dict[str, Any] = field(default_factory=dict)  # graph name -> trained draft module
+    weight_quantization: dict[str, Any] = field(default_factory=dict)  # graph -> WeightQuantization
 
 
 class IRError(Exception):

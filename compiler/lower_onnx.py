@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from skiptree.compiler.ir import ModelIR, StepGraph
+from skiptree.compiler.quantize import quantize_onnx_file
 
 
 def _rename_dynamic_dims(model: onnx.ModelProto, step: StepGraph) -> None:
@@ -51,16 +52,19 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
     return path
 
 
-def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, str]:
-    """Export the IR's graphs into `folder`; returns graph name -> file name.
+def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, dict]:
+    """Export the IR's graphs into `folder`; returns graph name -> {"file", "quantization"}.
 
     With a verify graph the step graph is not exported: a chain tree is a causal step, so the
-    verify graph serves both, and the artifact (and memory) holds the weights once.
+    verify graph serves both, and the artifact (and memory) holds the weights once. Graphs that
+    QuantizeWeights marked get their constant-weight MatMuls quantised (`compiler/quantize.py`).
     """
     files = {}
     for name, step in ir.graphs.items():
         if name == "step" and "verify" in ir.graphs:
             continue
-        export_onnx(step, Path(folder) / f"{name}.onnx")
-        files[name] = f"{name}.onnx"
+        path = export_onnx(step, Path(folder) / f"{name}.onnx")
+        spec = ir.weight_quantization.get(name)
+        quantization = quantize_onnx_file(path, spec, ir.config.vocab_size) if spec else None
+        files[name] = {"file": path.name, "quantization": quantization}
     return files

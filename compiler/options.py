@@ -42,6 +42,8 @@ class CompileOptions:
     tvm_trials_per_task: int = 64
     tvm_tune_only: tuple[str, ...] = ()  # tune only tasks whose name contains one of these (() = all)
     tvm_static_tokens: tuple[int, ...] = ()  # token counts with a static (tunable) entry; () = 1 and the tree
+    quantize: str | None = None  # int8 | int4[:block=32][,head=no][,accuracy=0]: weight-only (MatMulNBits)
+    draft_quantize: str | None = None  # the same for the draft's own graphs (e.g. int4 draft, int8 target)
 
     def validate(self, context: int) -> CompileOptions:
         """Check against the model's context; returns the options with max_seq_len resolved."""
@@ -85,6 +87,7 @@ class CompileOptions:
             raise CompileOptionError(
                 f"--draft-vocab {self.draft_vocab} needs a draft with an output head and a size >= 2",
                 "use it with --draft self:... or a draft model")  # fmt: skip
+        self._check_quantize()
         if self.early_exit is not None:
             from skiptree.passes.insert_early_exit import parse_early_exit
             parse_early_exit(self.early_exit)
@@ -99,6 +102,22 @@ class CompileOptions:
                 f"pass a value from 2 to {context}",
             )
         return CompileOptions(**{**self.__dict__, "max_seq_len": max_seq_len})
+
+    def _check_quantize(self) -> None:
+        from skiptree.compiler.quantize import parse_quantize
+
+        for option, text in (("--quantize", self.quantize), ("--draft-quantize", self.draft_quantize)):
+            if text is not None:
+                parse_quantize(text)
+                if self.backend != "onnxruntime":
+                    raise CompileOptionError(f"{option} is lowered to ONNX Runtime only (MatMulNBits)",
+                                             "use --backend onnxruntime, or drop the option")  # fmt: skip
+                if self.dtype != "float32":
+                    raise CompileOptionError(f"{option} needs float32 activations, not {self.dtype}",
+                                             "compile with dtype float32")  # fmt: skip
+        if self.draft_quantize is not None and self.draft in (None, "prompt-lookup"):
+            raise CompileOptionError(f"--draft-quantize {self.draft_quantize} needs a draft with weights",
+                                     "use it with --draft self:..., feature-head:... or a draft model")
 
     def _check_tvm(self) -> None:
         """What the TVM lowering does not cover (yet): say so before any work is done."""

@@ -4,6 +4,7 @@ Phases, top to bottom (later issues fill them):
   1. structure   — drafts cut from or added to the target (SkipLayers, InsertFeatureHead, InsertEarlyExit)
   2. verification — the tree-verify step graph and KV compaction (InsertTreeVerify)
   3. cleanup     — dead ops left by the phases above (EliminateDeadCode)
+  4. precision   — weights marked for int8 / int4 quantisation at lowering (QuantizeWeights)
 A pass that is off keeps its place as nothing: the list is built, never branched around.
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pass_manager import Pass
+from skiptree.compiler.quantize import parse_quantize
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
 from skiptree.passes.insert_early_exit import InsertEarlyExit, parse_early_exit
 from skiptree.passes.insert_feature_head import FEATURE_PREFIX, InsertFeatureHead
 from skiptree.passes.insert_tree_verify import InsertTreeVerify
+from skiptree.passes.quantize_weights import QuantizeWeights
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SELF_PREFIX, SkipLayers, parse_self_draft
 
@@ -35,4 +38,6 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
     verification: list[Pass] = [InsertTreeVerify(options.max_tree, first_layer)] if options.draft else []
     cleanup: list[Pass] = [EliminateDeadCode()]
-    return [*structure, *verification, *cleanup]
+    roles = (("target", options.quantize), ("draft", options.draft_quantize))
+    precision: list[Pass] = [QuantizeWeights.of(parse_quantize(text), role) for role, text in roles if text]
+    return [*structure, *verification, *cleanup, *precision]

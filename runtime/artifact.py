@@ -87,6 +87,18 @@ class Runtime(TextGenerator):
         return self.speculative.generate(prompt_ids, max_new_tokens, sampling, eos, seed, on_token)
 
     @property
+    def precision(self) -> str:
+        """The target's weights as run: "float32", or e.g. "int4 weights (block 32), float32 activations"."""
+        dtype = self.manifest.get("dtype", "float32")
+        graph = self.manifest["graphs"].get("verify") or self.manifest["graphs"].get("step") or {}
+        quantization = graph.get("quantization")
+        if not quantization:
+            return dtype
+        head = "" if quantization["head"] else ", float head"
+        compute = "int8 activations" if quantization["accuracy_level"] == 4 else f"{dtype} activations"
+        return f"int{quantization['bits']} weights (block {quantization['block_size']}{head}), {compute}"
+
+    @property
     def description(self) -> str:
         backend, spec = self.manifest["backend"], self.manifest.get("speculative")
         mode = f", speculative: {spec['drafter']} {spec['tree']['spec']}" if self.speculative else ""
@@ -94,7 +106,8 @@ class Runtime(TextGenerator):
             mode = (f", early exit (LOSSY): gate {early['gate']} at layers {early['exits']}, calibrated "
                     f"agreement {early['agreement']:.3f} with the full model, {early['mean_layers']:.1f} of "
                     f"{early['num_layers']} layers on average")  # fmt: skip
-        return f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}{mode}"
+        return (f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}, "
+                f"{self.precision}{mode}")  # fmt: skip
 
 
 class OnnxBackend:

@@ -59,6 +59,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         tvm_database=args.tvm_database,
         tvm_trials=args.tvm_trials,
         tvm_trials_per_task=args.tvm_trials_per_task,
+        quantize=args.quantize,
+        draft_quantize=args.draft_quantize,
     )
     if args.tuned is not None:
         from skiptree.compiler.compile import weights_sha256
@@ -139,6 +141,10 @@ def _engine(generator) -> str:
     return generator.manifest["backend"]["name"] if hasattr(generator, "manifest") else "reference"
 
 
+def _precision(generator) -> str:
+    return generator.precision if hasattr(generator, "precision") else "float32 (eager reference)"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     generator = _load_generator(args.model, args)
     streaming = not args.json
@@ -169,7 +175,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         agreement = generator.step_model.full_model_agreement(result.prompt_ids, result.token_ids)
     if args.json:
         extra = {"agreement": None if agreement is None else round(agreement, 4)} if lossy else {}
-        print(json.dumps({**output.to_json(), **extra, "engine": _engine(generator)}, ensure_ascii=False))
+        print(json.dumps({**output.to_json(), **extra, "engine": _engine(generator),
+                          "precision": _precision(generator)}, ensure_ascii=False))  # fmt: skip
     else:
         print()
         accepted = f"; {result.mean_accepted:.2f} tokens per target step" if hasattr(result, "steps") else ""
@@ -206,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--tvm-trials", type=int, default=0, metavar="N",
                       help="tvm: MetaSchedule trials in all for the per-step graph (a rerun resumes)")
     comp.add_argument("--tvm-trials-per-task", type=int, default=64, metavar="N")
+    comp.add_argument("--quantize", default=None, metavar="int8|int4[:block=32][,head=no][,accuracy=0]",
+                      help="weight-only quantisation of the linear layers (ONNX Runtime MatMulNBits)")
+    comp.add_argument("--draft-quantize", default=None, metavar="int8|int4[:...]",
+                      help="the same for the draft's own weights (e.g. int4 draft, int8 target)")
     comp.add_argument("--max-seq-len", type=int, default=None,
                       help="KV cache slots = longest prompt + output (default min(context, 2048))")
     comp.add_argument("--optimization-level", default="extended",

@@ -70,6 +70,26 @@ def test_compile_refuses_a_folder_that_is_not_an_artifact(tiny_artifact, tmp_pat
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_compile_refuses_a_bad_quantize_option(tiny_artifact, tmp_path, capsys):
+    args = ["compile", str(tiny_artifact[0]), "-o", str(tmp_path / "a"), "--quantize", "int4:block=48"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == ("skiptree: error: --quantize 'int4:block=48': block 48 is not a power "
+                                    "of two >= 16; use block=16, 32, 64, 128 or 256.")  # fmt: skip
+    assert "Traceback" not in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_generate_json_states_the_precision(tiny_artifact, tmp_path):
+    folder, _ = tiny_artifact
+    art = tmp_path / "int8"
+    compiled = run_cli("compile", str(folder), "-o", str(art), "--max-seq-len", "48", "--quantize", "int8")
+    assert compiled.returncode == 0
+    out = run_cli("generate", str(art), "--prompt", "t3 t4 t5", "--max-new-tokens", "3", "--json")
+    precision = json.loads(out.stdout.splitlines()[-1])["precision"]
+    assert precision == "int8 weights (block 32), int8 activations"
+
+
 def test_compile_refuses_a_max_seq_len_beyond_the_context(tiny_artifact, tmp_path, capsys):
     assert main(["compile", str(tiny_artifact[0]), "-o", str(tmp_path / "a"), "--max-seq-len", "65"]) == 2
     assert "--max-seq-len 65 is outside 2..64 (the model's context); pass a value from 2 to 64." in (

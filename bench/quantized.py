@@ -1,0 +1,152 @@
+"""Weight-only quantisation, side by side in one run: skiptree fp32 / int8 / int4, plain and
+speculative, against onnxruntime-genai fp32 / int4, on SmolLM2-135M, pinned threads.
+
+Every skiptree artifact is a speculative one (prompt lookup, tree --tree); its plain decoding is the
+same artifact loaded with `speculative=False`. Engines run interleaved (bench/decode_speed.py's
+`measure`), median decode tokens/s over the prompts. Quality: (1) agreement with skiptree fp32's
+greedy output (tokens before the first difference, and exact matches), (2) perplexity of each
+skiptree precision on a held-out passage (teacher-forced, the artifact's own logits). llama.cpp is
+not run: llama-cpp-python builds llama.cpp from source at install, which does not fit this run.
+Writes bench/results/quantized.{json,md}.
+
+    .venv/bin/pip install --no-deps onnxruntime-genai==0.18.0   # the peer (pyproject's bench extra)
+    .venv/bin/python bench/quantized.py [--threads 1] [--max-new-tokens 64] [--tree chain:3]
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import skiptree
+from skiptree.compiler.compile import compile_model
+from skiptree.compiler.options import CompileOptions
+from skiptree.models.zoo import fetch
+from skiptree.runtime.device import cpu_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+from decode_speed import PROMPTS, SkiptreeEngine, decode_arguments, first_difference, measure  # noqa: E402
+
+PRECISIONS = {"fp32": None, "int8": "int8", "int4": "int4"}
+HELD_OUT = (  # written for this benchmark: not in any training set the model saw verbatim
+    "The lighthouse keeper counted the ships that passed each night and wrote their names in a "
+    "small green notebook. In winter the fog came early, and the lamp had to be cleaned twice a "
+    "day, because salt from the sea air dulled the glass. def moving_average(values, window):\n"
+    "    total = sum(values[:window])\n    averages = [total / window]\n"
+    "    for i in range(window, len(values)):\n        total += values[i] - values[i - window]\n"
+    "        averages.append(total / window)\n    return averages\n"
+)
+
+
+def build(folder: Path, work: Path, tree: str, max_seq_len: int) -> dict[str, tuple[Path, float | None]]:
+    """One speculative artifact per precision (compiled once into `work`); (folder, compile s or
+    None when it was compiled by an earlier run)."""
+    built: dict[str, tuple[Path, float | None]] = {}
+    for name, quantize in PRECISIONS.items():
+        out = work / name
+        built[name] = (out, None)
+        if not (out / "manifest.json").is_file():
+            start = time.perf_counter()
+            options = CompileOptions(max_seq_len=max_seq_len, draft="prompt-lookup", tree=tree,
+                                     quantize=quantize)  # fmt: skip
+            compile_model(folder, out, options, log=lambda message: None)
+            built[name] = (out, time.perf_counter() - start)
+    return built
+
+
+def perplexity(runtime, text: str) -> float:
+    """exp(mean NLL) of `text`'s tokens after the first, from one teacher-forced prefill."""
+    ids = runtime.tokenizer.encode(text)
+    step = runtime.step_model
+    step.cache.length = 0
+    logits = step.forward(ids, ("logits",))[0][:-1].astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return math.exp(-float(np.mean(log_probs[np.arange(len(ids) - 1), ids[1:]])))
+
+
+def markdown(record: dict) -> str:
+    lines = [f"# Weight-only quantisation: {record['model']}, {record['threads']} thread(s), "
+             f"{record['max_new_tokens']} new tokens, S={record['max_seq_len']}", "",
+             f"CPU: {record['cpu']}; {len(PROMPTS)} prompts, median of {record['rounds']} rounds each, "
+             "engines interleaved; decode tokens/s (prefill excluded). Speculative = prompt lookup, tree "
+             f"{record['tree']}. Agreement: new tokens equal to skiptree fp32 greedy before the first "
+             "difference (mean over prompts), and prompts with all tokens equal.", "",
+             "| engine | tokens/s | vs skiptree fp32 | vs genai int4 | agreement with fp32 | same output |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    engines = record["engines"]
+    base = engines["skiptree fp32"].get("tokens_per_second")
+    genai = next((e.get("tokens_per_second") for n, e in engines.items() if n.startswith("onnxruntime-genai")
+                  and n.endswith("int4")), None)  # fmt: skip
+    for name, entry in engines.items():
+        if "error" in entry:
+            lines.append(f"| {name} | unavailable: {entry['error']} | | | | |")
+            continue
+        speed = entry["tokens_per_second"]
+        versus = f"{speed / genai:.2f}x" if genai else "-"
+        lines.append(f"| {name} | {speed:.1f} | {speed / base:.2f}x | {versus} | "
+                     f"{entry['agreement']:.2f} | {entry['same_outputs']}/{len(PROMPTS)} |")  # fmt: skip
+    lines += ["", "Perplexity on a held-out passage (teacher-forced, each artifact's own logits):", ""]
+    lines += [f"- {name}: {value:.2f}" for name, value in record["perplexity"].items()]
+    compiled = {n: "an earlier run" if a["compile_seconds"] is None else f"{a['compile_seconds']:.0f} s"
+                for n, a in record["artifacts"].items()}  # fmt: skip
+    lines += ["", "Artifacts: " + "; ".join(f"{n} {a['weights_mb']:.0f} MB of graph files, compiled in "
+                                            f"{compiled[n]}" for n, a in record["artifacts"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = decode_arguments()
+    parser.add_argument("--tree", default="chain:3")
+    parser.add_argument("--work", type=Path, default=Path("bench/.work/quantized"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = fetch("smollm2-135m")
+    built = build(folder, args.work, args.tree, args.max_seq_len)
+    engines, runtimes = [], {}
+    for name, (artifact, _) in built.items():
+        runtimes[name] = skiptree.load(artifact, threads=args.threads, speculative=False)
+        engines.append(SkiptreeEngine(f"skiptree {name}", runtimes[name]))
+        speculative = skiptree.load(artifact, threads=args.threads)
+        engines.append(SkiptreeEngine(f"skiptree {name} speculative", speculative))
+    engines += peers.genai_engines(folder, args.threads)
+    prompt_ids = [runtimes["fp32"].encode_prompt(p) for p in PROMPTS]
+    runnable = [e for e in engines if not isinstance(e, peers.Unavailable)]
+    results = measure(runnable, prompt_ids, args.max_new_tokens, args.rounds)
+    reference = results["skiptree fp32"]["outputs"]
+    record_engines = {}
+    for engine in engines:
+        if isinstance(engine, peers.Unavailable):
+            record_engines[engine.name] = {"error": engine.reason}
+            continue
+        entry = results[engine.name]
+        if "error" in entry:
+            record_engines[engine.name] = entry
+            continue
+        firsts = first_difference(entry["outputs"], reference)
+        agreed = [args.max_new_tokens if f is None else f for f in firsts]
+        record_engines[engine.name] = {
+            "tokens_per_second": statistics.median(entry["per_prompt"]), "per_prompt": entry["per_prompt"],
+            "agreement": statistics.mean(agreed) / args.max_new_tokens,
+            "same_outputs": sum(f is None for f in firsts), "first_difference": firsts}  # fmt: skip
+    artifacts = {name: {"compile_seconds": seconds and round(seconds, 1),
+                        "precision": runtimes[name].precision,
+                        "weights_mb": sum(p.stat().st_size for p in artifact.glob("*.onnx*")) / 1e6}
+                 for name, (artifact, seconds) in built.items()}  # fmt: skip
+    record = {"model": "smollm2-135m", "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+              "max_seq_len": args.max_seq_len, "rounds": args.rounds, "tree": args.tree, "cpu": cpu_model(),
+              "genai": peers.genai_version(), "engines": record_engines, "artifacts": artifacts,
+              "perplexity": {name: round(perplexity(rt, HELD_OUT), 3) for name, rt in runtimes.items()},
+              "prompt_ids": prompt_ids}  # fmt: skip
+    peers.save_results("quantized", record, markdown(record))
+
+
+if __name__ == "__main__":
+    main()
