@@ -13,7 +13,7 @@ import torch
 from skiptree.compiler.exit_adapter import load_trained
 from skiptree.compiler.feature_head import KIND
 from skiptree.compiler.lower_onnx import export_onnx
-from skiptree.compiler.options import CompileOptionError, CompileOptions
+from skiptree.compiler.options import TABLE_DRAFTERS, CompileOptionError, CompileOptions
 from skiptree.compiler.quantize import parse_quantize, quantize_onnx_file
 from skiptree.compiler.trace import trace_model
 from skiptree.models.config import ModelConfig
@@ -26,7 +26,7 @@ from skiptree.passes.skip_layers import SELF_PREFIX, parse_self_draft
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import parse_tree
 
-FREE_DRAFTERS = ("prompt-lookup",)
+FREE_DRAFTERS = TABLE_DRAFTERS  # table lookups: no weights, no graph
 
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_source: str) -> None:

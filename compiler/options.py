@@ -16,6 +16,9 @@ OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 DEFAULT_MAX_SEQ_LEN = 2048  # attention runs over all S slots: a smaller S is a faster step
 
 
+TABLE_DRAFTERS = ("prompt-lookup", "recycle")  # drafters with no weights (compiler/draft.py's FREE_DRAFTERS)
+
+
 class CompileOptionError(SkiptreeError):
     """A compile option that cannot be honoured."""
 
@@ -29,7 +32,7 @@ class CompileOptions:
     dump_ir: Path | None = None
     verify: bool = False
     check: bool = True  # run the lowered graph against eager torch before writing the manifest
-    draft: str | None = None  # None: plain; prompt-lookup; self:...; feature-head:WEIGHTS; a draft model
+    draft: str | None = None  # None: plain; prompt-lookup; recycle; self:...; feature-head:W; a draft model
     tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
@@ -83,7 +86,7 @@ class CompileOptions:
                     raise CompileOptionError(f"--draft {self.draft}: no trained feature head at {weights}",
                                              "train one with skiptree tune MODEL --train-draft feature-head "
                                              "--session DIR, then compile with --tuned DIR")  # fmt: skip
-        if self.draft_vocab and (self.draft is None or self.draft == "prompt-lookup" or self.draft_vocab < 2):
+        if self.draft_vocab and (self.draft in (None, *TABLE_DRAFTERS) or self.draft_vocab < 2):
             raise CompileOptionError(
                 f"--draft-vocab {self.draft_vocab} needs a draft with an output head and a size >= 2",
                 "use it with --draft self:... or a draft model")  # fmt: skip
@@ -115,7 +118,7 @@ class CompileOptions:
                 if self.dtype != "float32":
                     raise CompileOptionError(f"{option} needs float32 activations, not {self.dtype}",
                                              "compile with dtype float32")  # fmt: skip
-        if self.draft_quantize is not None and self.draft in (None, "prompt-lookup"):
+        if self.draft_quantize is not None and self.draft in (None, *TABLE_DRAFTERS):
             raise CompileOptionError(f"--draft-quantize {self.draft_quantize} needs a draft with weights",
                                      "use it with --draft self:..., feature-head:... or a draft model")
 
@@ -124,7 +127,7 @@ class CompileOptions:
         if self.early_exit is not None:
             raise CompileOptionError("--early-exit is not lowered to TVM (its in-graph torch.cond)",
                                      "use --backend onnxruntime for early exit")  # fmt: skip
-        free = ("prompt-lookup", "self:", "feature-head:")
+        free = (*TABLE_DRAFTERS, "self:", "feature-head:")
         if self.draft is not None and not self.draft.startswith(free):
             raise CompileOptionError(f"--draft {self.draft}: separate draft models are lowered to ONNX only",
                                      "use --backend onnxruntime, or a self-draft / prompt lookup with tvm")

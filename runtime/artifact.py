@@ -21,6 +21,7 @@ from skiptree.runtime.onnx_step import (
     SessionConfig,
     VerifyStepModel,  # fmt: skip
 )
+from skiptree.runtime.recycling import RecyclingDrafter
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.self_draft import SelfDrafter, SplitStepModel
 from skiptree.runtime.speculative import SpeculativeDecoder
@@ -60,6 +61,8 @@ class Runtime(TextGenerator):
     def _drafter(self, spec: dict[str, Any]) -> Drafter:
         if spec["drafter"] == "prompt-lookup":
             return PromptLookupDrafter()
+        if spec["drafter"] == "recycle":
+            return RecyclingDrafter(self.manifest["model"]["config"]["vocab_size"])
         if spec["drafter"] == "feature-head":
             name = spec["feature_head"]["graph"]
             head = self.backend.graph(name, self.backend.cache(self.manifest["graphs"][name]["signature"]))

@@ -74,18 +74,30 @@ class SpeculativeDecoder:
             del inputs["tokens"]
             inputs["hidden"] = hidden[None, : len(tokens) + 1]
         outputs = ("next_ids",) if greedy else ("logits",)
+        if greedy and self.wants_logits:
+            outputs += ("logits",)
         values = self.verify_graph.run(inputs, outputs + (("features",) if self.wants_features else ()))
         target = values[0] if greedy else values[0][0]
-        return target, (values[1][0] if self.wants_features else None)
+        if self.wants_logits:  # Token Recycling: the target's candidates after every node
+            self.drafter.observe_logits([root, *tokens], values[len(outputs) - 1][0])
+        return target, (values[-1][0] if self.wants_features else None)
 
     @property
     def wants_features(self) -> bool:
         return getattr(self.drafter, "wants_features", False)
 
+    @property
+    def wants_logits(self) -> bool:
+        return getattr(self.drafter, "wants_logits", False)
+
     def _prefill(self, prompt_ids: list[int]) -> np.ndarray:
-        """The prompt's last logits; a feature drafter gets the prompt's features."""
+        """The prompt's last logits; a feature drafter gets the prompt's features, a recycling
+        drafter the candidates after the prompt's last token."""
         if not self.wants_features:
-            return self.step.prefill(prompt_ids)
+            logits = self.step.prefill(prompt_ids)
+            if self.wants_logits:
+                self.drafter.observe_logits(prompt_ids[-1:], logits[None])
+            return logits
         self.step.cache.length = 0
         logits, features = self.step.forward(prompt_ids, ("logits", "features"))
         self.drafter.observe(features, reset=True)
@@ -113,6 +125,8 @@ class SpeculativeDecoder:
                 self.drafter.observe(features)
             else:
                 logits = self.step.forward([root], ("logits",))[0]
+                if self.wants_logits:
+                    self.drafter.observe_logits([root], logits)
             new = [choose_token(logits[-1], sampling, rng)]
             accepted: list[int] = []
             children: list[list[int]] = [[]]

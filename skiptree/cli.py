@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dump-ir", type=Path, default=None, help="write the IR after each pass here")
     comp.add_argument("--verify", action="store_true", help="run the IR verifier after each pass")
     comp.add_argument("--draft", default=None,
-                      help="speculative decoding: prompt-lookup, a draft model (same tokenizer), or a "
-                           "self-draft self:exit=E | self:skip=4-9,15 (self:auto: see tune)")
+                      help="speculative decoding: prompt-lookup, recycle (Token Recycling), a draft model "
+                           "(same tokenizer), or a self-draft self:exit=E | self:skip=4-9,15 (self:auto: "
+                           "see tune)")
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
     comp.add_argument("--draft-vocab", type=int, default=0, metavar="V",
                       help="the draft's head keeps only the target's V most frequent tokens (lossless)")

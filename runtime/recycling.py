@@ -1,0 +1,68 @@
+"""Token Recycling: draft from the target's own earlier top-k candidates (a free drafter).
+
+Every verify step computes the target's logits at each tree node anyway; their top-k tokens are
+what the target would likely say after that node's token. The drafter keeps, per token id, the
+top-k candidates last seen after it (an adjacency table), and drafts the next tree by
+breadth-first expansion from the last emitted token: a node's children are its token's row,
+best first, as many as the tree shape gives it. Acceptance is decided by the target as for any
+drafter, so decoding stays lossless; a stale or empty row only drafts less.
+
+Memory is bounded by construction: one int32 row of `width` candidates per vocabulary token
+(49152 x 8 x 4 bytes = 1.5 MB for SmolLM2), allocated once; nothing grows with the text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from skiptree.runtime.drafters import Draft
+from skiptree.runtime.sampling import SamplingConfig
+from skiptree.runtime.tree import TreeShape
+
+EMPTY = -1
+
+
+def top_candidates(logits: np.ndarray, width: int) -> np.ndarray:
+    """[rows, width] token ids of each row's `width` largest logits, best first."""
+    width = min(width, logits.shape[-1])
+    part = np.argpartition(-logits, width - 1, axis=-1)[:, :width]
+    order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1)
+
+
+class RecyclingDrafter:
+    """Token Recycling over a fixed [vocab_size, width] table (see the module doc)."""
+
+    name = "recycle"
+    wants_logits = True  # the decoder hands it the verify step's logits (`observe_logits`)
+
+    def __init__(self, vocab_size: int, width: int = 8):
+        self.table = np.full((vocab_size, width), EMPTY, dtype=np.int32)
+
+    @property
+    def width(self) -> int:
+        return self.table.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes
+
+    def observe_logits(self, tokens: list[int], logits: np.ndarray) -> None:
+        """Node tokens [n] and the target's logits after each [n, V]: replace their rows."""
+        self.table[np.asarray(tokens, dtype=np.int64)] = top_candidates(logits, self.width)
+
+    def candidates(self, token: int, limit: int) -> list[int]:
+        row = self.table[token, :limit]
+        return [int(t) for t in row if t != EMPTY]
+
+    def propose(self, context: list[int], shape: TreeShape, sampling: SamplingConfig,
+                rng: np.random.Generator) -> Draft:  # fmt: skip
+        draft, kept = Draft(), {-1: -1}  # shape node -> draft node
+        token_of = {-1: context[-1]}
+        for parent, kids in shape.children().items():  # parents before children (BFS order)
+            if parent not in kept:
+                continue  # dropped with its subtree
+            for node, token in zip(kids, self.candidates(token_of[parent], len(kids)), strict=False):
+                kept[node] = draft.add(token, kept[parent])
+                token_of[node] = token
+        return draft

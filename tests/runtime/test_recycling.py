@@ -1,0 +1,66 @@
+"""Token Recycling: a bounded table of the target's own candidates; decoding stays lossless."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import skiptree
+from skiptree.compiler.compile import compile_model
+from skiptree.compiler.options import CompileOptions
+from skiptree.runtime.recycling import EMPTY, RecyclingDrafter, top_candidates
+from skiptree.runtime.sampling import SamplingConfig
+from skiptree.runtime.tree import parse_tree
+
+
+@pytest.fixture(scope="module")
+def recycling(tiny_artifact, tmp_path_factory):
+    """(speculative, plain) runtimes of one tiny Llama artifact drafting with Token Recycling."""
+    folder, _ = tiny_artifact
+    root = tmp_path_factory.mktemp("recycle")
+    options = CompileOptions(max_seq_len=48, draft="recycle", tree="k-ary:2x3")
+    artifact = compile_model(folder, root / "artifact", options, log=lambda message: None)
+    return skiptree.load(artifact), skiptree.load(artifact, speculative=False)
+
+
+def test_top_candidates_are_the_largest_logits_best_first():
+    logits = np.array([[0.1, 3.0, -1.0, 2.0, 2.5], [5.0, 4.0, 3.0, 2.0, 1.0]], dtype=np.float32)
+    assert top_candidates(logits, 3).tolist() == [[1, 4, 3], [0, 1, 2]]
+
+
+def test_the_table_is_bounded_and_drafts_the_shape_breadth_first():
+    drafter = RecyclingDrafter(vocab_size=10, width=2)
+    size = drafter.nbytes
+    logits = np.zeros((3, 10), dtype=np.float32)
+    logits[0, [7, 8]] = [2.0, 1.0]  # after token 4: 7, then 8
+    logits[1, [5, 6]] = [2.0, 1.0]  # after token 7: 5, then 6
+    logits[2, 9] = 1.0  # after token 8: 9 first
+    for _ in range(50):  # observing never grows it
+        drafter.observe_logits([4, 7, 8], logits)
+    assert drafter.nbytes == size == 10 * 2 * 4 and drafter.table.shape == (10, 2)
+    draft = drafter.propose([1, 2, 4], parse_tree("k-ary:2x2"), SamplingConfig(), np.random.default_rng(0))
+    assert draft.tokens == [7, 8, 5, 6, 9, 0] and draft.parents == [-1, -1, 0, 0, 1, 1]
+    empty = RecyclingDrafter(vocab_size=10, width=2)
+    assert (empty.table == EMPTY).all()
+    assert empty.propose([3], parse_tree("chain:3"), SamplingConfig(), np.random.default_rng(0)).tokens == []
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.one_of(st.lists(st.integers(3, 96), min_size=1, max_size=12),
+                        st.lists(st.integers(3, 96), min_size=1, max_size=4).map(lambda w: w * 4)),
+       new=st.integers(1, 24))  # fmt: skip
+def test_recycling_is_lossless(recycling, prompt, new):
+    speculative, plain = recycling
+    expected = plain.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids
+    assert speculative.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids == expected
+
+
+def test_recycled_candidates_get_accepted(recycling):
+    speculative, plain = recycling
+    prompt = [5, 6, 7, 8] * 3
+    result = speculative.generate(prompt, max_new_tokens=32, eos_token_id=[]).result
+    assert result.token_ids == plain.generate(prompt, max_new_tokens=32, eos_token_id=[]).token_ids
+    assert sum(step.accepted for step in result.steps) > 0
+    assert speculative.manifest["speculative"]["drafter"] == "recycle"
