@@ -28,6 +28,7 @@ from skiptree.compiler.lower_onnx import lower_to_onnx
 from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.compiler.pass_manager import PassManager
 from skiptree.compiler.pipeline import build_pipeline
+from skiptree.compiler.recycle_warm import write_warm_table
 from skiptree.compiler.trace import trace_model
 from skiptree.compiler.tuner import CALIBRATION_PROMPTS
 from skiptree.models.gguf_convert import atomic_folder
@@ -155,6 +156,11 @@ def compile_model(
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree})")
             speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
+            if options.draft == "recycle":
+                phase("warming the Token Recycling table on the calibration prompts (eager torch)")
+                speculative["recycle"] = write_warm_table(ir.model, calibration_prompts(options, tokenizer),
+                                                          building, options.max_seq_len)  # fmt: skip
+                log(f"         {speculative['recycle']['rows_filled']} token rows filled")
             if draft_vocab:
                 speculative["draft_vocab"] = {"size": len(draft_vocab), "calibration_coverage": coverage}
         early_exit = None

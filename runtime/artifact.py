@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors.numpy import load_file
+
 from skiptree.errors import ModelSourceError
 from skiptree.runtime.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter
 from skiptree.runtime.early_exit import NEVER, EarlyExitStepModel
@@ -62,7 +64,9 @@ class Runtime(TextGenerator):
         if spec["drafter"] == "prompt-lookup":
             return PromptLookupDrafter()
         if spec["drafter"] == "recycle":
-            return RecyclingDrafter(self.manifest["model"]["config"]["vocab_size"])
+            warm = spec.get("recycle")
+            table = load_file(str(self.folder / warm["file"]))["table"] if warm else None
+            return RecyclingDrafter(self.manifest["model"]["config"]["vocab_size"], table=table)
         if spec["drafter"] == "feature-head":
             name = spec["feature_head"]["graph"]
             head = self.backend.graph(name, self.backend.cache(self.manifest["graphs"][name]["signature"]))

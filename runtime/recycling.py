@@ -20,6 +20,7 @@ from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import TreeShape
 
 EMPTY = -1
+TABLE_FILE = "recycle_table.safetensors"  # a warm table in the artifact (compiler/recycle_warm.py)
 
 
 def top_candidates(logits: np.ndarray, width: int) -> np.ndarray:
@@ -36,8 +37,13 @@ class RecyclingDrafter:
     name = "recycle"
     wants_logits = True  # the decoder hands it the verify step's logits (`observe_logits`)
 
-    def __init__(self, vocab_size: int, width: int = 8):
+    def __init__(self, vocab_size: int, width: int = 8, table: np.ndarray | None = None):
         self.table = np.full((vocab_size, width), EMPTY, dtype=np.int32)
+        if table is not None:  # a warm start (the artifact's table)
+            if table.shape != self.table.shape or table.dtype != np.int32:
+                raise ValueError(f"a recycling table of shape {table.shape} {table.dtype} does not fit "
+                                 f"{self.table.shape} int32")  # fmt: skip
+            self.table[:] = table
 
     @property
     def width(self) -> int:

@@ -64,3 +64,25 @@ def test_recycled_candidates_get_accepted(recycling):
     assert result.token_ids == plain.generate(prompt, max_new_tokens=32, eos_token_id=[]).token_ids
     assert sum(step.accepted for step in result.steps) > 0
     assert speculative.manifest["speculative"]["drafter"] == "recycle"
+
+
+def test_the_warm_table_round_trips_through_the_artifact(recycling, tiny_artifact):
+    """Compile-time warm start on the calibration prompts: saved (safetensors), loaded as saved."""
+    from safetensors.numpy import load_file
+
+    from skiptree.compiler.compile import calibration_prompts
+    from skiptree.compiler.recycle_warm import warm_table
+    from skiptree.models.loader import load_model
+    from skiptree.runtime.tokenizer import Tokenizer
+
+    speculative, _ = recycling
+    entry = speculative.manifest["speculative"]["recycle"]
+    assert entry["file"] in speculative.manifest["files"] and entry["rows_filled"] > 0
+    saved = load_file(str(speculative.folder / entry["file"]))["table"]
+    folder, _ = tiny_artifact
+    prompts = calibration_prompts(CompileOptions(), Tokenizer.from_folder(folder))
+    np.testing.assert_array_equal(saved, warm_table(load_model(folder), prompts, 48))  # deterministic
+    fresh = skiptree.load(speculative.folder)
+    np.testing.assert_array_equal(fresh.speculative.drafter.table, saved)
+    with pytest.raises(ValueError, match="does not fit"):
+        RecyclingDrafter(vocab_size=5, table=saved)

@@ -1,0 +1,48 @@
+"""Warm start for Token Recycling: the target's own candidates on calibration prompts, at compile time.
+
+The table (`skiptree.runtime.recycling`) starts empty and fills as decoding runs; an artifact can
+instead start from what the target predicts after every token of the calibration prompts and of
+its greedy answers to them (eager torch, a few seconds). Saved as `recycle_table.safetensors`
+(int32, no pickle) and checked by the manifest's sha256 like every artifact file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from skiptree.models.base import CausalLM
+from skiptree.models.reference import ReferenceStepper
+from skiptree.runtime.recycling import EMPTY, TABLE_FILE, RecyclingDrafter
+
+
+def warm_table(model: CausalLM, prompts: list[list[int]], max_seq_len: int, new_tokens: int = 32,
+               width: int = 8) -> np.ndarray:  # fmt: skip
+    """The [vocab, width] table after observing each prompt and `new_tokens` greedy tokens."""
+    drafter = RecyclingDrafter(model.config.vocab_size, width)
+    stepper = ReferenceStepper(model, max_seq_len=max_seq_len)
+    with torch.no_grad():
+        for ids in prompts:
+            ids = ids[: max_seq_len - 1]
+            stepper.length = 0
+            logits = stepper.forward(ids).float().numpy()
+            drafter.observe_logits(ids, logits)
+            token = int(np.argmax(logits[-1]))
+            for _ in range(min(new_tokens, max_seq_len - len(ids) - 1)):
+                row = stepper.decode(token)
+                drafter.observe_logits([token], row[None])
+                token = int(np.argmax(row))
+    return drafter.table
+
+
+def write_warm_table(model: CausalLM, prompts: list[list[int]], folder: Path, max_seq_len: int
+                     ) -> dict[str, Any]:  # fmt: skip
+    """Warm the table into `folder`; returns the manifest's `recycle` entry."""
+    table = warm_table(model, prompts, max_seq_len)
+    save_file({"table": table}, str(Path(folder) / TABLE_FILE))
+    return {"file": TABLE_FILE, "width": int(table.shape[1]), "warm_prompts": len(prompts),
+            "rows_filled": int((table[:, 0] != EMPTY).sum())}  # fmt: skip
