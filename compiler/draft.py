@@ -20,13 +20,10 @@ from skiptree.models.config import ModelConfig
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
 from skiptree.passes.insert_feature_head import FEATURE_PREFIX
-from skiptree.passes.quantize_weights import QuantizeWeights
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SELF_PREFIX, parse_self_draft
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import parse_tree
-
-FREE_DRAFTERS = TABLE_DRAFTERS  # table lookups: no weights, no graph
 
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_source: str) -> None:
@@ -44,7 +41,7 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
     """Compile the drafter into the artifact folder; returns its manifest entry."""
     shape = parse_tree(options.tree)
     entry: dict[str, Any] = {"tree": shape.to_json(), "max_tree": options.max_tree}
-    if options.draft in FREE_DRAFTERS:
+    if options.draft in TABLE_DRAFTERS:
         return {**entry, "drafter": options.draft}
     if options.draft.startswith(FEATURE_PREFIX):  # the graph came from the InsertFeatureHead pass
         _, record = load_trained(Path(options.draft.removeprefix(FEATURE_PREFIX)), KIND)
@@ -70,9 +67,9 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
         ir = ShrinkDraftVocab(draft_vocab, "step").run(ir).ir
     path = export_onnx(ir.graphs["step"], building / "draft_step.onnx")
     quantization = None
-    if options.draft_quantize:  # a draft model's IR is its own: its "step" is all draft
-        ir = QuantizeWeights.of(parse_quantize(options.draft_quantize)).run(ir).ir
-        quantization = quantize_onnx_file(path, ir.weight_quantization["step"], model.config.vocab_size)
+    if options.draft_quantize:  # a draft model's graph is all draft: quantise it whole
+        spec = parse_quantize(options.draft_quantize)
+        quantization = quantize_onnx_file(path, spec, model.config.vocab_size)
     return {**entry, "drafter": "draft-model", "draft_model": {
         "source": str(options.draft), "model_type": model.config.model_type,
         "config": model.config.to_json(), "file": "draft_step.onnx", "quantization": quantization,

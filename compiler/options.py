@@ -16,7 +16,7 @@ OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 DEFAULT_MAX_SEQ_LEN = 2048  # attention runs over all S slots: a smaller S is a faster step
 
 
-TABLE_DRAFTERS = ("prompt-lookup", "recycle")  # drafters with no weights (compiler/draft.py's FREE_DRAFTERS)
+TABLE_DRAFTERS = ("prompt-lookup", "recycle")  # drafters with no weights and no graph
 
 
 class CompileOptionError(SkiptreeError):

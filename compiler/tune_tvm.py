@@ -24,6 +24,7 @@ from skiptree.compiler.tvm_schedules import IS_SCHEDULED
 
 DATABASE_DIR = "tvm_database"
 RECORDS_FILE = "database_tuning_record.json"
+BUILD_TIMEOUT_SEC = 60.0  # a candidate that builds longer is a failed trial (some never finish)
 
 
 @dataclass(frozen=True)
@@ -43,22 +44,20 @@ def recorded_trials(database_dir: Path) -> int:
     return sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
 
 
-def worker_builder(timeout_sec: float = 60.0, uses: int = 256) -> Any:
+def worker_builder(pool: Any, timeout_sec: float) -> Any:
     """A MetaSchedule builder with one build worker process that lives across batches.
 
     `LocalBuilder` starts fresh worker processes for every batch (to dodge a worker memory leak):
     measured here, ~40 s a batch on 2 busy cores, more than building 32 candidates. Building in
     this process instead has no timeout, and some candidates never finish (an argmax and a softmax
     candidate of SmolLM2's step each ran for minutes inside TVM's lowering). So: one persistent
-    worker, killed and restarted on a candidate that takes over `timeout_sec` (a failed trial) and
-    every `uses` builds (the leak).
+    worker (`pool`, a one-worker PopenPoolExecutor), killed and restarted on a candidate that takes
+    over `timeout_sec` (a failed trial) and every few hundred builds (the leak).
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
-    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
-
-    pool = PopenPoolExecutor(max_workers=1, timeout=timeout_sec, maximum_process_uses=uses)
+    from tvm.support.popen_pool import StatusKind
 
     @derived_object
     class WorkerBuilder(ms.builder.PyBuilder):
@@ -131,6 +130,9 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
         for handler in unnamed:
             logger.removeHandler(handler)
         progress = _ProgressLines(log)
+        from tvm.support.popen_pool import PopenPoolExecutor
+
+        pool = PopenPoolExecutor(max_workers=1, timeout=BUILD_TIMEOUT_SEC, maximum_process_uses=256)
         try:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 tasks, work_dir=str(database_dir), num_threads=tuning.threads)
@@ -139,11 +141,12 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
                 tasks=contexts, task_weights=weights, work_dir=str(database_dir),
                 max_trials_global=remaining, max_trials_per_task=tuning.trials_per_task,
                 num_trials_per_iter=min(8, tuning.trials_per_task),  # a first round reaches every task
-                builder=worker_builder(),
+                builder=worker_builder(pool, BUILD_TIMEOUT_SEC),
                 runner=ms.runner.LocalRunner(timeout_sec=60),
                 database=ms.database.JSONDatabase(work_dir=str(database_dir)),
             )  # fmt: skip
         finally:
+            pool.shutdown()  # the build worker process ends with the tuning
             logger.removeHandler(progress)
             for handler in unnamed:
                 logger.addHandler(handler)
