@@ -20,12 +20,13 @@ import onnxruntime
 import torch
 
 import skiptree
+from skiptree.compiler.corpus_build import write_corpus
 from skiptree.compiler.draft import build_drafter
 from skiptree.compiler.draft_vocab import frequent_tokens
 from skiptree.compiler.early_exit import calibrate_early_exit
 from skiptree.compiler.ir import ModelIR
 from skiptree.compiler.lower_onnx import lower_to_onnx
-from skiptree.compiler.options import CompileOptionError, CompileOptions
+from skiptree.compiler.options import CompileOptionError, CompileOptions, table_sources
 from skiptree.compiler.pass_manager import PassManager
 from skiptree.compiler.pipeline import build_pipeline
 from skiptree.compiler.recycle_warm import write_warm_table
@@ -110,6 +111,23 @@ def _prepare_output(out_dir: Path) -> None:
         )
 
 
+def free_drafter_state(options: CompileOptions, model, tokenizer, building: Path, phase, log
+                       ) -> dict[str, Any]:  # fmt: skip
+    """What free drafters carry in the artifact: a warm recycling table, a corpus datastore."""
+    state: dict[str, Any] = {}
+    for source in table_sources(options.draft) or ():
+        if source == "recycle":
+            phase("warming the Token Recycling table on the calibration prompts (eager torch)")
+            prompts = calibration_prompts(options, tokenizer)
+            state["recycle"] = write_warm_table(model, prompts, building, options.max_seq_len)
+            log(f"         {state['recycle']['rows_filled']} token rows filled")
+        if source.startswith("corpus:"):
+            path = Path(source.removeprefix("corpus:"))
+            phase(f"building the corpus lookup datastore from {path}")
+            state["corpus"] = write_corpus(path, tokenizer, building, log)
+    return state
+
+
 def compile_model(
     source: str | Path,
     out_dir: Path,
@@ -156,11 +174,7 @@ def compile_model(
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree})")
             speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
-            if options.draft == "recycle":
-                phase("warming the Token Recycling table on the calibration prompts (eager torch)")
-                speculative["recycle"] = write_warm_table(ir.model, calibration_prompts(options, tokenizer),
-                                                          building, options.max_seq_len)  # fmt: skip
-                log(f"         {speculative['recycle']['rows_filled']} token rows filled")
+            speculative.update(free_drafter_state(options, ir.model, tokenizer, building, phase, log))
             if draft_vocab:
                 speculative["draft_vocab"] = {"size": len(draft_vocab), "calibration_coverage": coverage}
         early_exit = None

@@ -13,7 +13,7 @@ import torch
 from skiptree.compiler.exit_adapter import load_trained
 from skiptree.compiler.feature_head import KIND
 from skiptree.compiler.lower_onnx import export_onnx
-from skiptree.compiler.options import TABLE_DRAFTERS, CompileOptionError, CompileOptions
+from skiptree.compiler.options import CompileOptionError, CompileOptions, table_sources
 from skiptree.compiler.quantize import parse_quantize, quantize_onnx_file
 from skiptree.compiler.trace import trace_model
 from skiptree.models.config import ModelConfig
@@ -41,8 +41,10 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
     """Compile the drafter into the artifact folder; returns its manifest entry."""
     shape = parse_tree(options.tree)
     entry: dict[str, Any] = {"tree": shape.to_json(), "max_tree": options.max_tree}
-    if options.draft in TABLE_DRAFTERS:
-        return {**entry, "drafter": options.draft}
+    sources = table_sources(options.draft)
+    if sources is not None:  # their state (a warm table, a corpus) is added by compile
+        names = [source.split(":")[0] for source in sources]
+        return {**entry, "drafter": "+".join(names), "sources": names}
     if options.draft.startswith(FEATURE_PREFIX):  # the graph came from the InsertFeatureHead pass
         _, record = load_trained(Path(options.draft.removeprefix(FEATURE_PREFIX)), KIND)
         return {**entry, "drafter": KIND, "feature_head": {"graph": "feature_draft", "training": record}}

@@ -16,7 +16,31 @@ OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 DEFAULT_MAX_SEQ_LEN = 2048  # attention runs over all S slots: a smaller S is a faster step
 
 
-TABLE_DRAFTERS = ("prompt-lookup", "recycle")  # drafters with no weights and no graph
+TABLE_SOURCES = ("prompt-lookup", "recycle", "corpus")  # drafters with no weights and no graph
+SOURCE_ALIASES = {"lookup": "prompt-lookup"}
+
+
+def table_sources(draft: str | None) -> list[str] | None:
+    """The free sources of a --draft value, canonical ("lookup+corpus:docs/" -> ["prompt-lookup",
+    "corpus:docs/"]); None when it names another kind of drafter (a model, self:..., feature-head:...)."""
+    if draft is None:
+        return None
+    parts = [SOURCE_ALIASES.get(part, part) for part in draft.split("+")]
+    known = [part in TABLE_SOURCES[:2] or part.startswith("corpus:") for part in parts]
+    if not any(known):
+        return None
+    if not all(known):
+        unknown = next(part for part, ok in zip(parts, known, strict=True) if not ok)
+        raise CompileOptionError(f"--draft {draft}: '{unknown}' is not a free drafter",
+                                 "combine lookup, recycle and corpus:PATH with '+' (a path holds no '+')")
+    kinds = [part.split(":")[0] for part in parts]
+    if len(set(kinds)) != len(kinds):
+        raise CompileOptionError(f"--draft {draft} names a source twice", "name each source once")
+    return parts
+
+
+def is_table_draft(draft: str | None) -> bool:
+    return table_sources(draft) is not None
 
 
 class CompileOptionError(SkiptreeError):
@@ -32,7 +56,7 @@ class CompileOptions:
     dump_ir: Path | None = None
     verify: bool = False
     check: bool = True  # run the lowered graph against eager torch before writing the manifest
-    draft: str | None = None  # None: plain; prompt-lookup; recycle; self:...; feature-head:W; a draft model
+    draft: str | None = None  # None: plain; lookup+recycle+corpus:PATH (any); self:...; feature-head:W; model
     tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
@@ -70,6 +94,9 @@ class CompileOptions:
             if shape.size + 1 > self.max_tree:
                 raise CompileOptionError(f"tree {self.tree} has more than max_tree - 1 = {self.max_tree - 1} "
                                          "nodes", "use a smaller tree or raise max_tree")  # fmt: skip
+            for source in table_sources(self.draft) or ():
+                if source.startswith("corpus:"):
+                    self._check_corpus(Path(source.removeprefix("corpus:")))
             if self.draft.startswith("self:"):
                 from skiptree.passes.skip_layers import parse_self_draft
                 if self.draft == "self:auto":
@@ -86,7 +113,7 @@ class CompileOptions:
                     raise CompileOptionError(f"--draft {self.draft}: no trained feature head at {weights}",
                                              "train one with skiptree tune MODEL --train-draft feature-head "
                                              "--session DIR, then compile with --tuned DIR")  # fmt: skip
-        if self.draft_vocab and (self.draft in (None, *TABLE_DRAFTERS) or self.draft_vocab < 2):
+        if self.draft_vocab and (self.draft is None or is_table_draft(self.draft) or self.draft_vocab < 2):
             raise CompileOptionError(
                 f"--draft-vocab {self.draft_vocab} needs a draft with an output head and a size >= 2",
                 "use it with --draft self:... or a draft model")  # fmt: skip
@@ -118,17 +145,25 @@ class CompileOptions:
                 if self.dtype != "float32":
                     raise CompileOptionError(f"{option} needs float32 activations, not {self.dtype}",
                                              "compile with dtype float32")  # fmt: skip
-        if self.draft_quantize is not None and self.draft in (None, *TABLE_DRAFTERS):
+        if self.draft_quantize is not None and (self.draft is None or is_table_draft(self.draft)):
             raise CompileOptionError(f"--draft-quantize {self.draft_quantize} needs a draft with weights",
                                      "use it with --draft self:..., feature-head:... or a draft model")
+
+    def _check_corpus(self, path: Path) -> None:
+        from skiptree.compiler.corpus_build import check_corpus_size
+
+        if not path.exists():
+            raise CompileOptionError(f"--draft {self.draft}: no file or folder {path}",
+                                     "give corpus:PATH a text file or a folder of them")  # fmt: skip
+        check_corpus_size(path)
 
     def _check_tvm(self) -> None:
         """What the TVM lowering does not cover (yet): say so before any work is done."""
         if self.early_exit is not None:
             raise CompileOptionError("--early-exit is not lowered to TVM (its in-graph torch.cond)",
                                      "use --backend onnxruntime for early exit")  # fmt: skip
-        free = (*TABLE_DRAFTERS, "self:", "feature-head:")
-        if self.draft is not None and not self.draft.startswith(free):
+        free = is_table_draft(self.draft) or (self.draft or "").startswith(("self:", "feature-head:"))
+        if self.draft is not None and not free:
             raise CompileOptionError(f"--draft {self.draft}: separate draft models are lowered to ONNX only",
                                      "use --backend onnxruntime, or a self-draft / prompt lookup with tvm")
         if self.tvm_trials and self.tvm_database is None:

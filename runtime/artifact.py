@@ -9,12 +9,14 @@ from typing import Any
 from safetensors.numpy import load_file
 
 from skiptree.errors import ModelSourceError
-from skiptree.runtime.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter
+from skiptree.runtime.corpus import CorpusDrafter, CorpusIndex
+from skiptree.runtime.drafters import CandidateSource, Drafter, DraftModelDrafter, PromptLookupDrafter
 from skiptree.runtime.early_exit import NEVER, EarlyExitStepModel
 from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
+from skiptree.runtime.merged_draft import MergedDrafter
 from skiptree.runtime.onnx_step import (
     GraphStepModel,
     KVCache,
@@ -29,6 +31,8 @@ from skiptree.runtime.self_draft import SelfDrafter, SplitStepModel
 from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import TreeShape
+
+TABLE_SOURCES = ("prompt-lookup", "recycle", "corpus")  # as compiler/options.py names them
 
 
 class Runtime(TextGenerator):
@@ -60,13 +64,24 @@ class Runtime(TextGenerator):
             return self.step_model.draft_graph
         return self.backend.graph(name, self.step_model.cache)
 
-    def _drafter(self, spec: dict[str, Any]) -> Drafter:
-        if spec["drafter"] == "prompt-lookup":
+    def _table_source(self, name: str, spec: dict[str, Any]) -> CandidateSource:
+        if name == "prompt-lookup":
             return PromptLookupDrafter()
-        if spec["drafter"] == "recycle":
+        if name == "recycle":
             warm = spec.get("recycle")
             table = load_file(str(self.folder / warm["file"]))["table"] if warm else None
             return RecyclingDrafter(self.manifest["model"]["config"]["vocab_size"], table=table)
+        if name == "corpus":
+            stored = load_file(str(self.folder / spec["corpus"]["file"]))
+            return CorpusDrafter(CorpusIndex(stored["tokens"], stored["suffix_array"]))
+        raise ModelSourceError(f"the artifact's drafter source '{name}' is unknown to this skiptree",
+                               "recompile the artifact with this version")  # fmt: skip
+
+    def _drafter(self, spec: dict[str, Any]) -> Drafter:
+        names = spec.get("sources") or ([spec["drafter"]] if spec["drafter"] in TABLE_SOURCES else [])
+        if names:  # free drafters, one or merged
+            sources = [self._table_source(name, spec) for name in names]
+            return sources[0] if len(sources) == 1 else MergedDrafter(sources)
         if spec["drafter"] == "feature-head":
             name = spec["feature_head"]["graph"]
             head = self.backend.graph(name, self.backend.cache(self.manifest["graphs"][name]["signature"]))

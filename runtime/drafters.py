@@ -25,11 +25,14 @@ class Draft:
     parents: list[int] = field(default_factory=list)  # -1 = root
     child_probs: list[np.ndarray | None] = field(default_factory=lambda: [None])  # per verify node
     hidden: np.ndarray | None = None  # [1 + n, H]: a prefix-exit self-draft's states, root first
+    sources: list[str] = field(default_factory=list)  # per node: which source proposed it ([]: the drafter)
 
-    def add(self, token: int, parent: int) -> int:
+    def add(self, token: int, parent: int, source: str | None = None) -> int:
         self.tokens.append(token)
         self.parents.append(parent)
         self.child_probs.append(None)
+        if source is not None:
+            self.sources.append(source)
         return len(self.tokens) - 1
 
 
@@ -38,6 +41,37 @@ class Drafter(Protocol):
 
     def propose(self, context: list[int], shape: TreeShape, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft: ...  # fmt: skip
+
+
+def fill_tree(shape: TreeShape, candidates: Callable[[list[int], int], list[tuple[int, str]]]) -> Draft:
+    """A deterministic draft shaped like `shape`: `candidates(path, limit)` gives at most `limit`
+    (token, source) children, best first, of the node reached by `path` (the tokens below the
+    root). A node with fewer candidates than the shape's children drops the rest with their subtrees."""
+    draft, kept = Draft(), {-1: -1}  # shape node -> draft node
+    paths: dict[int, list[int]] = {-1: []}
+    for parent, kids in shape.children().items():  # parents before children (BFS order)
+        if parent not in kept:
+            continue  # dropped with its subtree
+        for node, (token, source) in zip(kids, candidates(paths[parent], len(kids)), strict=False):
+            kept[node] = draft.add(token, kept[parent], source)
+            paths[node] = paths[parent] + [token]
+    return draft
+
+
+class CandidateSource(Protocol):
+    """A drafter that proposes children node by node (prompt lookup, recycling, corpus lookup)."""
+
+    name: str
+
+    def prepare(self, context: list[int]) -> None: ...
+    def candidates(self, context: list[int], path: list[int], limit: int) -> list[int]: ...
+
+
+def draft_from(source: CandidateSource, context: list[int], shape: TreeShape) -> Draft:
+    """The tree `source` proposes after `context` (its last token is the root)."""
+    source.prepare(context)
+    name = source.name
+    return fill_tree(shape, lambda path, limit: [(t, name) for t in source.candidates(context, path, limit)])
 
 
 class PromptLookupDrafter:
@@ -51,7 +85,8 @@ class PromptLookupDrafter:
         self.context: list[int] = []
         self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions of the next token
 
-    def _sync(self, context: list[int]) -> None:
+    def prepare(self, context: list[int]) -> None:
+        """Index the context's new tokens (a new sequence: start over)."""
         if context[: len(self.context)] != self.context:  # a new sequence: rebuild
             self.context, self.index = [], {}
         for position in range(len(self.context), len(context)):
@@ -60,8 +95,9 @@ class PromptLookupDrafter:
                     self.index.setdefault(tuple(context[position - n : position]), []).append(position)
         self.context = list(context)
 
-    def candidates(self, sequence: list[int], limit: int) -> list[int]:
-        """Distinct next tokens after earlier occurrences of the sequence's suffix, best first."""
+    def candidates(self, context: list[int], path: list[int], limit: int) -> list[int]:
+        """Distinct next tokens after earlier occurrences of the suffix of context + path, best first."""
+        sequence = context[-self.max_ngram :] + path
         found: list[int] = []
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             for position in reversed(self.index.get(tuple(sequence[-n:]), ())):
@@ -73,17 +109,7 @@ class PromptLookupDrafter:
         return found
 
     def propose(self, context, shape, sampling, rng) -> Draft:
-        self._sync(context)
-        draft, kept = Draft(), {-1: -1}  # shape node -> draft node
-        paths: dict[int, list[int]] = {-1: []}
-        for parent, kids in shape.children().items():
-            if parent not in kept:
-                continue  # dropped with its subtree
-            options = self.candidates(context[-self.max_ngram :] + paths[parent], len(kids))  # suffix only
-            for node, token in zip(kids, options, strict=False):
-                kept[node] = draft.add(token, kept[parent])
-                paths[node] = paths[parent] + [token]
-        return draft
+        return draft_from(self, context, shape)
 
 
 def common_prefix(first: list[int], second: list[int], limit: int) -> int:

@@ -61,6 +61,8 @@ class GenerationOutput:
             "tokens_per_second": round(self.result.tokens_per_second, 3),
             "prefill_seconds": round(self.result.prefill_seconds, 6),
             "mean_accepted": round(getattr(self.result, "mean_accepted", 1.0), 4),
+            **({"tokens_by_source": self.result.tokens_by_source}
+               if hasattr(self.result, "tokens_by_source") else {}),  # fmt: skip
             **({"lossy": True, "mean_layers": round(self.result.mean_layers or 0.0, 3)}
                if self.result.layers_run is not None else {}),  # fmt: skip
         }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from skiptree.runtime.drafters import Draft
+from skiptree.runtime.drafters import Draft, draft_from
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import TreeShape
 
@@ -57,18 +57,14 @@ class RecyclingDrafter:
         """Node tokens [n] and the target's logits after each [n, V]: replace their rows."""
         self.table[np.asarray(tokens, dtype=np.int64)] = top_candidates(logits, self.width)
 
-    def candidates(self, token: int, limit: int) -> list[int]:
-        row = self.table[token, :limit]
+    def prepare(self, context: list[int]) -> None:
+        """Nothing to do: the table is updated from the verify logits (`observe_logits`)."""
+
+    def candidates(self, context: list[int], path: list[int], limit: int) -> list[int]:
+        """The recorded candidates after the node's token (the last of context + path)."""
+        row = self.table[path[-1] if path else context[-1], :limit]
         return [int(t) for t in row if t != EMPTY]
 
     def propose(self, context: list[int], shape: TreeShape, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:  # fmt: skip
-        draft, kept = Draft(), {-1: -1}  # shape node -> draft node
-        token_of = {-1: context[-1]}
-        for parent, kids in shape.children().items():  # parents before children (BFS order)
-            if parent not in kept:
-                continue  # dropped with its subtree
-            for node, token in zip(kids, self.candidates(token_of[parent], len(kids)), strict=False):
-                kept[node] = draft.add(token, kept[parent])
-                token_of[node] = token
-        return draft
+        return draft_from(self, context, shape)

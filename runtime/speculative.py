@@ -35,6 +35,7 @@ class StepRecord:
     draft_seconds: float
     verify_seconds: float
     first_rank: int | None = None  # rank among the root's children of the first accepted draft
+    sources: list[str] = field(default_factory=list)  # who proposed each accepted draft token
 
 
 @dataclass
@@ -46,6 +47,16 @@ class SpeculativeResult(GenerationResult):
         """Tokens emitted per target step (the prefill's first token excluded); plain decoding: 1.0."""
         emitted = sum(step.emitted for step in self.steps)
         return emitted / len(self.steps) if self.steps else 1.0
+
+    @property
+    def tokens_by_source(self) -> dict[str, int]:
+        """Emitted tokens by who proposed them: each draft source, and "target" for the target's
+        own (the prefill's, each step's bonus token, plain steps)."""
+        counts: dict[str, int] = {}
+        for step in self.steps:
+            for source in step.sources[: step.emitted]:  # emitted may be cut at max_new_tokens
+                counts[source] = counts.get(source, 0) + 1
+        return {"target": len(self.token_ids) - sum(counts.values()), **counts}
 
 
 class SpeculativeDecoder:
@@ -129,6 +140,7 @@ class SpeculativeDecoder:
                     self.drafter.observe_logits([root], logits)
             new = [choose_token(logits[-1], sampling, rng)]
             accepted: list[int] = []
+            sources: list[str] = []
             children: list[list[int]] = [[]]
         else:
             full = [root, *tokens]
@@ -140,13 +152,17 @@ class SpeculativeDecoder:
             else:
                 result = accept_greedy(full, children, target)
             accepted = result.nodes
+            labels = draft.sources[:keep] or [self.drafter.name] * keep
+            sources = [labels[node - 1] for node in accepted]
+            if hasattr(self.drafter, "observe_accepted"):
+                self.drafter.observe_accepted(labels, accepted)
             if features is not None:
                 self.drafter.observe(features[[0, *accepted]])
             self._compact(accepted)
             new = [full[node] for node in accepted] + [result.bonus]
         first_rank = children[0].index(accepted[0]) if accepted else None
         record = StepRecord(len(tokens), len(accepted), len(new), drafted_at - start,
-                            time.perf_counter() - drafted_at, first_rank)  # fmt: skip
+                            time.perf_counter() - drafted_at, first_rank, sources)  # fmt: skip
         return new, record
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
@@ -162,12 +178,14 @@ class SpeculativeDecoder:
         result.prefill_seconds = time.perf_counter() - start
         start, context = time.perf_counter(), list(prompt_ids)
         while True:
-            for token in new:
+            for index, token in enumerate(new):
                 result.token_ids.append(token)
                 context.append(token)
                 if on_token is not None:
                     on_token(token)
                 if token in eos:
+                    if result.steps:  # the tokens after EOS were never emitted
+                        result.steps[-1].emitted = index + 1
                     result.stop_reason = "eos"
                     result.decode_seconds = time.perf_counter() - start
                     return result

@@ -180,6 +180,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print()
         accepted = f"; {result.mean_accepted:.2f} tokens per target step" if hasattr(result, "steps") else ""
+        if hasattr(result, "tokens_by_source"):
+            counts = result.tokens_by_source.items()
+            accepted += " (" + ", ".join(f"{n} from {source}" for source, n in counts) + ")"
         _log(f"[{len(result.token_ids)} tokens, stopped at {result.stop_reason}; "
              f"decode {result.tokens_per_second:.1f} tok/s; prefill {result.prefill_seconds:.3f} s "
              f"for {len(result.prompt_ids)} prompt tokens{accepted}]")
@@ -225,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dump-ir", type=Path, default=None, help="write the IR after each pass here")
     comp.add_argument("--verify", action="store_true", help="run the IR verifier after each pass")
     comp.add_argument("--draft", default=None,
-                      help="speculative decoding: prompt-lookup, recycle (Token Recycling), a draft model "
-                           "(same tokenizer), or a self-draft self:exit=E | self:skip=4-9,15 (self:auto: "
-                           "see tune)")
+                      help="speculative decoding: free drafters lookup (prompt lookup), recycle (Token "
+                           "Recycling), corpus:PATH (text file or folder), or any '+' combination of them "
+                           "(lookup+recycle); a draft model (same tokenizer); or a self-draft self:exit=E | "
+                           "self:skip=4-9,15 (self:auto: see tune)")
     comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
     comp.add_argument("--draft-vocab", type=int, default=0, metavar="V",
                       help="the draft's head keeps only the target's V most frequent tokens (lossless)")
@@ -246,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("model", help="zoo name, HF model folder, or .gguf file")
     tune.add_argument("--session", type=Path, required=True, help="session folder (created or resumed)")
     tune.add_argument("--draft", default="prompt-lookup",
-                      help="prompt-lookup, a draft model, or self:auto (search the self-drafts)")
+                      help="prompt-lookup, recycle, corpus:PATH or a '+' combination (lookup+recycle), a "
+                           "draft model, or self:auto (search the self-drafts)")
     tune.add_argument("--prompts", type=Path, default=None,
                       help="calibration prompts, separated by blank lines (default: built-in set)")
     tune.add_argument("--train-draft", choices=("exit-adapter", "feature-head"), default=None,

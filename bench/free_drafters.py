@@ -1,0 +1,207 @@
+"""Free drafters (prompt lookup, Token Recycling, corpus lookup, merged) vs our AR artifact, in one run.
+
+One artifact per model is compiled with `--draft lookup+recycle+corpus:CORPUS` (the graphs do not
+depend on the drafter: every engine below shares them). Engines, 1 thread, greedy, the same prompt
+ids: our AR (the artifact decoding plainly), each free drafter alone, the merged drafter (sources
+ranked by measured acceptance), and onnxruntime-genai plain and with its n-gram speculation (its own
+model of the same checkpoint; fp32). Each drafter keeps its state across the set's prompts as a
+server would (the recycling table starts from the artifact's warm table). The corpus is the Python
+standard library's top-level modules (the code a code assistant is asked about). Prompt sets: chat,
+code, copying of bench/speculative.py. Per (set, engine): median tokens/s, median per-prompt speed-up
+over our AR, tokens per target step, tokens contributed by each source, identical to AR or not.
+Writes bench/results/free_drafters_<model>.json and .md.
+
+    .venv/bin/python bench/free_drafters.py --model smollm2-135m
+    .venv/bin/python bench/free_drafters.py --model qwen2.5-coder-1.5b --prompts-per-set 2 --no-genai
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+import skiptree
+from skiptree.models.source import skiptree_home
+from skiptree.models.zoo import fetch
+from skiptree.runtime.corpus import CorpusDrafter
+from skiptree.runtime.device import cpu_model
+from skiptree.runtime.drafters import PromptLookupDrafter
+from skiptree.runtime.merged_draft import MergedDrafter
+from skiptree.runtime.recycling import RecyclingDrafter
+from skiptree.runtime.tree import parse_tree
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+from decode_speed import versions  # noqa: E402
+from speculative import AR, PROMPT_SETS, ArEngine, measure, summarise  # noqa: E402
+
+CORPUS_BYTES = 8 << 20
+
+
+def stdlib_corpus() -> Path:
+    """The standard library's top-level modules (sorted, up to CORPUS_BYTES), copied once."""
+    dest = skiptree_home() / "bench" / f"corpus-stdlib-{platform.python_version()}"
+    if not dest.is_dir():
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        total = 0
+        for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+            total += file.stat().st_size
+            if total > CORPUS_BYTES:
+                break
+            shutil.copy2(file, partial / file.name)
+        partial.rename(dest)
+    return dest
+
+
+class FreeEngine:
+    """One free drafter over a tree, on the artifact's shared graphs."""
+
+    def __init__(self, runtime, drafter, tree: str):
+        self.name, self.runtime = f"skiptree {drafter.name} {tree}", runtime
+        self.decoder = runtime.speculative.with_tree(parse_tree(tree), drafter)
+
+    def run(self, ids: list[int], max_new_tokens: int) -> dict:
+        out = self.decoder.generate(ids, max_new_tokens, eos_token_ids=self.runtime.eos_token_ids)
+        return {"tokens": out.token_ids, "tps": out.tokens_per_second, "per_step": out.mean_accepted,
+                "sources": out.tokens_by_source}  # fmt: skip
+
+
+class GenaiEngine(peers.GenaiEngine):
+    """onnxruntime-genai, plain or with its n-gram (prompt lookup) speculation; decode tokens/s =
+    (new tokens - 1) / time after the prefill (`append_tokens`)."""
+
+    def __init__(self, model_dir: Path, threads: int, name: str, speculative: dict | None = None):
+        super().__init__(name, model_dir, threads)
+        self.speculative = speculative
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens)
+        if self.speculative:
+            params.set_speculative_options(**self.speculative)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(prompt_ids)
+        start, calls = time.perf_counter(), 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            calls += 1
+        seconds = time.perf_counter() - start
+        tokens = [int(t) for t in generator.get_sequence(0)][len(prompt_ids) :]
+        return {"tokens": tokens, "tps": (len(tokens) - 1) / seconds, "per_step": len(tokens) / max(calls, 1)}
+
+
+def engines_for(runtime, trees: dict[str, str]) -> list:
+    """Fresh drafters (their own state) sharing the artifact's warm table and corpus index."""
+    sources = runtime.speculative.drafter.by_name
+    vocab = runtime.manifest["model"]["config"]["vocab_size"]
+
+    def fresh(name: str):
+        if name == "prompt-lookup":
+            return PromptLookupDrafter()
+        if name == "recycle":
+            return RecyclingDrafter(vocab, table=sources["recycle"].table.copy())
+        return CorpusDrafter(sources["corpus"].index)
+
+    singles = ("prompt-lookup", "recycle", "corpus")
+    engines = [FreeEngine(runtime, fresh(name), trees[name]) for name in singles]
+    for combination in ("prompt-lookup+recycle", "prompt-lookup+recycle+corpus"):
+        merged = MergedDrafter([fresh(name) for name in combination.split("+")])
+        engines.append(FreeEngine(runtime, merged, trees[combination]))
+    return engines
+
+
+def genai_engines(folder: Path, threads: int) -> list:
+    if peers.genai_version() is None:
+        return []
+    model_dir = peers.build_genai(folder, "fp32")
+    name = f"onnxruntime-genai {peers.genai_version()} fp32"
+    plain = GenaiEngine(model_dir, threads, name)
+    ngram = copy.copy(plain)  # one model in memory
+    ngram.name, ngram.speculative = f"{name} n-gram 3, 4 drafts", {"ngram_size": 3, "max_draft_tokens": 4}
+    return [plain, ngram]
+
+
+def write_markdown(record: dict) -> str:
+    lines = [f"# Free drafters: {record['model']}, {record['threads']} thread, greedy, "
+             f"{record['max_new_tokens']} new tokens (EOS may stop), S={record['max_seq_len']}", "",
+             f"CPU: {record['cpu']}. Engines interleaved; tokens/s = decode tokens/s (prefill excluded), "
+             "median over the set's prompts; speed-up = median over prompts of engine / our AR tokens/s; "
+             "tokens/step = tokens emitted per target step; by source = tokens each draft source "
+             "contributed (target = the target's own: bonus tokens and plain steps). "
+             f"Corpus: {record['corpus']['documents']} files of the Python standard library, "
+             f"{record['corpus']['tokens']:,} tokens, built in {record['corpus']['build_seconds']} s.", ""]
+    for set_name, engines in record["sets"].items():
+        n = len(record["prompts"][set_name])
+        lines += [f"## {set_name} ({n} prompts)", "",
+                  "| engine | tokens/s | speed-up vs our AR | tokens/step | by source | same tokens as AR |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in engines.items():
+            by_source = ", ".join(f"{k} {v}" for k, v in r.get("tokens_by_source", {}).items())
+            lines.append(f"| {name} | {r['tokens_per_second_median']:.1f} | {r['speedup_vs_ar_median']:.2f}x "
+                         f"| {r['tokens_per_target_step']:.2f} | {by_source} | "
+                         f"{'yes' if r['same_tokens_as_ar'] else 'NO'} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--prompts-per-set", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--trees", default="{}", help="JSON: drafter -> tree (overrides defaults)")
+    parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (slow to build)")
+    parser.add_argument("--artifact", type=Path, default=None, help="reuse (or keep) this compiled artifact")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    trees = {"prompt-lookup": "chain:4", "recycle": "k-ary:2x2", "corpus": "chain:4",
+             "prompt-lookup+recycle": "k-ary:2x3", "prompt-lookup+recycle+corpus": "k-ary:2x3",
+             **json.loads(args.trees)}  # fmt: skip
+    folder, corpus = fetch(args.model), stdlib_corpus()
+    artifact = args.artifact or skiptree_home() / "bench" / f"free-drafters-{args.model}"
+    start = time.perf_counter()
+    if not (artifact / "manifest.json").is_file():
+        draft = f"lookup+recycle+corpus:{corpus}"
+        skiptree.compile(folder, artifact, max_seq_len=args.max_seq_len, draft=draft, tree="chain:1")
+    compile_seconds = time.perf_counter() - start
+    runtime = skiptree.load(artifact, threads=1)
+    prompt_ids = {name: [runtime.encode_prompt(p, chat=chat) for p in prompts[: args.prompts_per_set]]
+                  for name, (chat, prompts) in PROMPT_SETS.items()}  # fmt: skip
+    engines = [ArEngine(runtime), *engines_for(runtime, trees),
+               *([] if args.no_genai else genai_engines(folder, 1))]  # fmt: skip
+    runs = measure(engines, prompt_ids, args.max_new_tokens, args.rounds)
+    sets = {}
+    for set_name, by_engine in runs.items():
+        sets[set_name] = {}
+        for name, results in by_engine.items():
+            sets[set_name][name] = summarise(results, by_engine[AR])
+            if "sources" in results[0]:
+                totals: dict[str, int] = {}
+                for result in results:
+                    for source, count in result["sources"].items():
+                        totals[source] = totals.get(source, 0) + count
+                sets[set_name][name]["tokens_by_source"] = totals
+    record = {"model": f"{args.model} (fp32)", "threads": 1, "max_new_tokens": args.max_new_tokens,
+              "max_seq_len": args.max_seq_len, "rounds": args.rounds, "cpu": cpu_model(),
+              "machine": platform.machine(), "versions": versions(), "trees": trees,
+              "compile_seconds": round(compile_seconds, 1), "sets": sets,
+              "corpus": runtime.manifest["speculative"]["corpus"],
+              "prompts": {s: PROMPT_SETS[s][1][: args.prompts_per_set] for s in prompt_ids}}
+    peers.save_results(f"free_drafters_{args.model}", record, write_markdown(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Merged free drafters: one tree from several sources, ranked by their measured acceptance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from skiptree.compiler.options import CompileOptionError, table_sources
+from skiptree.runtime.corpus import CorpusDrafter, CorpusIndex
+from skiptree.runtime.drafters import PromptLookupDrafter
+from skiptree.runtime.merged_draft import MergedDrafter
+from skiptree.runtime.recycling import RecyclingDrafter
+from skiptree.runtime.sampling import SamplingConfig
+from skiptree.runtime.tree import parse_tree
+
+
+def propose(drafter, context, tree="k-ary:2x2"):
+    return drafter.propose(context, parse_tree(tree), SamplingConfig(), np.random.default_rng(0))
+
+
+def recycling_with(rows: dict[int, list[int]]) -> RecyclingDrafter:
+    drafter = RecyclingDrafter(vocab_size=20, width=2)
+    for token, candidates in rows.items():
+        drafter.table[token, : len(candidates)] = candidates
+    return drafter
+
+
+def test_sources_fill_each_nodes_ranks_in_turn_without_duplicates():
+    recycle = recycling_with({3: [4, 9], 4: [5, 6], 9: [1]})
+    merged = MergedDrafter([PromptLookupDrafter(), recycle])
+    context = [1, 2, 3, 4, 7, 1, 2, 3]  # lookup: after 1 2 3 came 4 (then 7)
+    draft = propose(merged, context)
+    # root: lookup's 4, then recycle's 9 (its 4 is a duplicate); under 4: lookup's 7, recycle's 5;
+    # under 9: recycle's 1.
+    assert draft.tokens == [4, 9, 7, 5, 1] and draft.parents == [-1, -1, 0, 0, 1]
+    assert draft.sources == ["prompt-lookup", "recycle", "prompt-lookup", "recycle", "recycle"]
+
+
+def test_sources_are_ranked_by_their_measured_acceptance():
+    recycle = recycling_with({3: [4, 9]})
+    merged = MergedDrafter([PromptLookupDrafter(), recycle])
+    assert [source.name for source in merged.ranked()] == ["prompt-lookup", "recycle"]  # untried: as given
+    merged.observe_accepted(["prompt-lookup", "recycle", "prompt-lookup"], [2])  # recycle's node accepted
+    assert merged.acceptance("recycle") == pytest.approx(2 / 3) and merged.acceptance("prompt-lookup") == 0.25
+    assert [source.name for source in merged.ranked()] == ["recycle", "prompt-lookup"]
+    assert propose(merged, [1, 2, 3, 5, 1, 2, 3], "k-ary:2x1").tokens == [4, 9]  # recycle first now: 4, 9
+
+
+def test_a_source_with_nothing_leaves_the_tree_to_the_others():
+    corpus = CorpusDrafter(CorpusIndex.build([[8, 8, 8]]))
+    merged = MergedDrafter([corpus, PromptLookupDrafter()])
+    draft = propose(merged, [5, 6, 5, 6], "chain:2")  # no corpus match; lookup: 5 6 -> 5 -> 6
+    assert draft.tokens == [5, 6] and draft.sources == ["prompt-lookup"] * 2
+    assert propose(merged, [1, 2], "chain:2").tokens == []  # nobody: a plain step
+    with pytest.raises(ValueError, match="appears twice"):
+        MergedDrafter([PromptLookupDrafter(), PromptLookupDrafter()])
+
+
+def test_draft_values_name_their_sources():
+    assert table_sources("lookup+recycle") == ["prompt-lookup", "recycle"]
+    assert table_sources("corpus:docs/+lookup") == ["corpus:docs/", "prompt-lookup"]
+    assert table_sources("recycle") == ["recycle"] and table_sources("self:exit=4") is None
+    assert table_sources("models/draft-0.5b") is None and table_sources(None) is None
+    with pytest.raises(CompileOptionError, match="'self:exit=4' is not a free drafter"):
+        table_sources("lookup+self:exit=4")
