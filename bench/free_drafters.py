@@ -3,12 +3,13 @@
 One artifact per model is compiled with `--draft lookup+recycle+corpus:CORPUS` (the graphs do not
 depend on the drafter: every engine below shares them). Engines, 1 thread, greedy, the same prompt
 ids: our AR (the artifact decoding plainly), each free drafter alone, the merged drafter (sources
-ranked by measured acceptance), and onnxruntime-genai plain and with its n-gram speculation (its own
-model of the same checkpoint; fp32). Each drafter keeps its state across the set's prompts as a
-server would (the recycling table starts from the artifact's warm table). The corpus is the Python
-standard library's top-level modules (the code a code assistant is asked about). Prompt sets: chat,
-code, copying of bench/speculative.py. Per (set, engine): median tokens/s, median per-prompt speed-up
-over our AR, tokens per target step, tokens contributed by each source, identical to AR or not.
+ranked by measured acceptance), all behind the per-step gate (the merged one also without it), and
+onnxruntime-genai plain and with its n-gram speculation (its own model of the same checkpoint; fp32).
+Each drafter keeps its state across the set's prompts as a server would (the recycling table starts
+from the artifact's warm table). The corpus is the Python standard library's top-level modules (the
+code a code assistant is asked about). Prompt sets: chat, code, copying of bench/speculative.py.
+Per (set, engine): median tokens/s, median per-prompt speed-up over our AR, tokens per target step,
+tokens contributed by each source, identical to AR or not.
 Writes bench/results/free_drafters_<model>.json and .md.
 
     .venv/bin/python bench/free_drafters.py --model smollm2-135m
@@ -67,8 +68,8 @@ def stdlib_corpus() -> Path:
 class FreeEngine:
     """One free drafter over a tree, on the artifact's shared graphs."""
 
-    def __init__(self, runtime, drafter, tree: str):
-        self.name, self.runtime = f"skiptree {drafter.name} {tree}", runtime
+    def __init__(self, runtime, drafter, tree: str, note: str = ""):
+        self.name, self.runtime = f"skiptree {drafter.name} {tree}{note}", runtime
         self.decoder = runtime.speculative.with_tree(parse_tree(tree), drafter)
 
     def run(self, ids: list[int], max_new_tokens: int) -> dict:
@@ -98,7 +99,12 @@ class GenaiEngine(peers.GenaiEngine):
             calls += 1
         seconds = time.perf_counter() - start
         tokens = [int(t) for t in generator.get_sequence(0)][len(prompt_ids) :]
-        return {"tokens": tokens, "tps": (len(tokens) - 1) / seconds, "per_step": len(tokens) / max(calls, 1)}
+        speed = (len(tokens) - 1) / seconds
+        if not self.speculative:
+            return {"tokens": tokens, "tps": speed, "per_step": len(tokens) / max(calls, 1)}
+        stats = {key: value for key, value in generator.get_speculative_stats().items()
+                 if isinstance(value, int | float)}  # its own counters; tokens/step not comparable
+        return {"tokens": tokens, "tps": speed, "per_step": float("nan"), "genai_stats": stats}
 
 
 def engines_for(runtime, trees: dict[str, str]) -> list:
@@ -113,11 +119,14 @@ def engines_for(runtime, trees: dict[str, str]) -> list:
             return RecyclingDrafter(vocab, table=sources["recycle"].table.copy())
         return CorpusDrafter(sources["corpus"].index)
 
-    singles = ("prompt-lookup", "recycle", "corpus")
-    engines = [FreeEngine(runtime, fresh(name), trees[name]) for name in singles]
+    cost = runtime.speculative.drafter.cost  # the verify cost measured at compile time: the gate
+    engines = [FreeEngine(runtime, MergedDrafter([fresh(name)], cost), trees[name])
+               for name in ("prompt-lookup", "recycle", "corpus")]  # fmt: skip
     for combination in ("prompt-lookup+recycle", "prompt-lookup+recycle+corpus"):
-        merged = MergedDrafter([fresh(name) for name in combination.split("+")])
+        merged = MergedDrafter([fresh(name) for name in combination.split("+")], cost)
         engines.append(FreeEngine(runtime, merged, trees[combination]))
+    ungated = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")])
+    engines.append(FreeEngine(runtime, ungated, trees["prompt-lookup+recycle+corpus"], " (no gate)"))
     return engines
 
 
@@ -148,8 +157,10 @@ def write_markdown(record: dict) -> str:
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for name, r in engines.items():
             by_source = ", ".join(f"{k} {v}" for k, v in r.get("tokens_by_source", {}).items())
+            per_step = r["tokens_per_target_step"]
+            per_step = "n/a" if per_step is None else f"{per_step:.2f}"
             lines.append(f"| {name} | {r['tokens_per_second_median']:.1f} | {r['speedup_vs_ar_median']:.2f}x "
-                         f"| {r['tokens_per_target_step']:.2f} | {by_source} | "
+                         f"| {per_step} | {by_source} | "
                          f"{'yes' if r['same_tokens_as_ar'] else 'NO'} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -175,7 +186,8 @@ def main() -> None:
     start = time.perf_counter()
     if not (artifact / "manifest.json").is_file():
         draft = f"lookup+recycle+corpus:{corpus}"
-        skiptree.compile(folder, artifact, max_seq_len=args.max_seq_len, draft=draft, tree="chain:1")
+        skiptree.compile(folder, artifact, max_seq_len=args.max_seq_len, draft=draft, tree="chain:1",
+                         threads=1)  # the threads the verify cost T(n) is measured with
     compile_seconds = time.perf_counter() - start
     runtime = skiptree.load(artifact, threads=1)
     prompt_ids = {name: [runtime.encode_prompt(p, chat=chat) for p in prompts[: args.prompts_per_set]]
@@ -187,7 +199,10 @@ def main() -> None:
     for set_name, by_engine in runs.items():
         sets[set_name] = {}
         for name, results in by_engine.items():
-            sets[set_name][name] = summarise(results, by_engine[AR])
+            sets[set_name][name] = summary = summarise(results, by_engine[AR])
+            if "genai_stats" in results[0]:  # its tokens/step is not ours to compute
+                summary["tokens_per_target_step"] = None
+                summary["genai_stats_per_prompt"] = [result["genai_stats"] for result in results]
             if "sources" in results[0]:
                 totals: dict[str, int] = {}
                 for result in results:

@@ -34,7 +34,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 from decode_speed import PROMPTS, SkiptreeEngine, decode_arguments, first_difference, measure  # noqa: E402
 
-PRECISIONS = {"fp32": None, "int8": "int8", "int4": "int4"}
+PRECISIONS = {  # name -> --quantize. The default model is a Q4_1 GGUF (Q8_0 embedding = tied head):
+    "fp32": None,  # its dequantised weights
+    "int4-grid": "int4",  # block 32: the GGUF's own grid, int8 activations (MatMulNBits accuracy 4)
+    "int4-grid-f32act": "int4:accuracy=0",  # the same grid, float32 activations: the GGUF model itself
+    "int4-requant-b128": "int4:block=128",  # off the grid: the dequantised weights re-quantised
+    "int8-requant-b64": "int8:block=64",
+}
+SPECULATIVE = ("fp32", "int4-grid")  # also run with prompt lookup
 HELD_OUT = (  # written for this benchmark: not in any training set the model saw verbatim
     "The lighthouse keeper counted the ships that passed each night and wrote their names in a "
     "small green notebook. In winter the fog came early, and the lamp had to be cleaned twice a "
@@ -95,6 +102,8 @@ def markdown(record: dict) -> str:
                      f"{entry['agreement']:.2f} | {entry['same_outputs']}/{len(PROMPTS)} |")  # fmt: skip
     lines += ["", "Perplexity on a held-out passage (teacher-forced, each artifact's own logits):", ""]
     lines += [f"- {name}: {value:.2f}" for name, value in record["perplexity"].items()]
+    lines += ["", "Precisions as the artifacts state them:", ""]
+    lines += [f"- {name}: {a['precision']}" for name, a in record["artifacts"].items()]
     compiled = {n: "an earlier run" if a["compile_seconds"] is None else f"{a['compile_seconds']:.0f} s"
                 for n, a in record["artifacts"].items()}  # fmt: skip
     lines += ["", "Artifacts: " + "; ".join(f"{n} {a['weights_mb']:.0f} MB of graph files, compiled in "
@@ -114,8 +123,9 @@ def main() -> None:
     for name, (artifact, _) in built.items():
         runtimes[name] = skiptree.load(artifact, threads=args.threads, speculative=False)
         engines.append(SkiptreeEngine(f"skiptree {name}", runtimes[name]))
-        speculative = skiptree.load(artifact, threads=args.threads)
-        engines.append(SkiptreeEngine(f"skiptree {name} speculative", speculative))
+        if name in SPECULATIVE:
+            speculative = skiptree.load(artifact, threads=args.threads)
+            engines.append(SkiptreeEngine(f"skiptree {name} speculative", speculative))
     engines += peers.genai_engines(folder, args.threads)
     prompt_ids = [runtimes["fp32"].encode_prompt(p) for p in PROMPTS]
     runnable = [e for e in engines if not isinstance(e, peers.Unavailable)]

@@ -26,13 +26,15 @@ from skiptree.compiler.draft_vocab import frequent_tokens
 from skiptree.compiler.early_exit import calibrate_early_exit
 from skiptree.compiler.ir import ModelIR
 from skiptree.compiler.lower_onnx import lower_to_onnx
-from skiptree.compiler.options import CompileOptionError, CompileOptions, table_sources
+from skiptree.compiler.options import CompileOptionError, CompileOptions, is_table_draft, table_sources
 from skiptree.compiler.pass_manager import PassManager
 from skiptree.compiler.pipeline import build_pipeline
 from skiptree.compiler.recycle_warm import write_warm_table
 from skiptree.compiler.trace import trace_model
 from skiptree.compiler.tuner import CALIBRATION_PROMPTS
+from skiptree.compiler.verify_cost import measure_verify_cost
 from skiptree.models.gguf_convert import atomic_folder
+from skiptree.models.gguf_grid import read_grid
 from skiptree.models.loader import load_model, weight_files
 from skiptree.models.reference import ReferenceStepper
 from skiptree.models.source import resolve_model_dir
@@ -151,6 +153,8 @@ def compile_model(
     tokenizer = Tokenizer.from_folder(folder)
     phase(f"tracing the step graph (max_seq_len {options.max_seq_len})")
     ir = trace_model(model, options.max_seq_len)
+    if options.quantize or options.draft_quantize:  # a GGUF source's grid is kept where it maps
+        ir.weight_grid = read_grid(folder)
     draft_vocab, coverage = (), None
     size = options.draft_vocab or (parse_early_exit(options.early_exit).vocab if options.early_exit else 0)
     if size:
@@ -175,6 +179,14 @@ def compile_model(
             phase(f"building the drafter ({options.draft}, tree {options.tree})")
             speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
             speculative.update(free_drafter_state(options, ir.model, tokenizer, building, phase, log))
+            if is_table_draft(options.draft) and backend["name"] == "onnxruntime":
+                phase("measuring the verify cost T(n) on this machine (the free drafters' per-step gate)")
+                speculative["verify_cost"] = cost = measure_verify_cost(
+                    building, {"graphs": graphs, "speculative": speculative, "backend": backend,
+                               "model": {"config": ir.config.to_json()}}, options.threads)  # fmt: skip
+                ratios = zip(cost["nodes"], cost["ratio"], strict=True)
+                log(f"         plain step {cost['plain_ms']:.1f} ms; T(n)/T(0) "
+                    + ", ".join(f"{n}: {r:.2f}" for n, r in ratios))
             if draft_vocab:
                 speculative["draft_vocab"] = {"size": len(draft_vocab), "calibration_coverage": coverage}
         early_exit = None

@@ -88,6 +88,7 @@ class ModelIR:
     passes_run: list[PassRecord] = field(default_factory=list)
     draft_adapters: dict[str, Any] = field(default_factory=dict)  # graph name -> trained draft module
     weight_quantization: dict[str, Any] = field(default_factory=dict)  # graph -> WeightQuantization
+    weight_grid: dict[str, Any] = field(default_factory=dict)  # a GGUF source's grids (models/gguf_grid.py)
 
 
 class IRError(Exception):

@@ -65,6 +65,6 @@ def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, dict]:
             continue
         path = export_onnx(step, Path(folder) / f"{name}.onnx")
         spec = ir.weight_quantization.get(name)
-        quantization = quantize_onnx_file(path, spec, ir.config.vocab_size) if spec else None
+        quantization = quantize_onnx_file(path, spec, ir.config.vocab_size, ir.weight_grid) if spec else None
         files[name] = {"file": path.name, "quantization": quantization}
     return files

@@ -8,6 +8,8 @@ block-wise along the input dim, a float scale and an integer zero point per bloc
   weight first, so the head (49152 x 576 in SmolLM2: a fifth of the model) is quantised too;
 - `accuracy=4` (default) lets MatMulNBits quantise activations to int8 per block and use integer
   dot products (fastest on CPU); `accuracy=0` computes in float32 on the dequantised weights.
+A GGUF source's Q4_0 / Q4_1 / Q8_0 matrices keep their own grid (`quantize_grid.py`) whatever
+the bits asked, with block 32 (ggml's); `block=N` other than 32 re-quantises everything.
 A quantised artifact is a different model from the float one: speculative decoding is lossless
 with respect to it (its verify graph is the quantised target), and `compile --check` reports its
 logit error against the float model.
@@ -116,9 +118,14 @@ def head_matmuls(model: onnx.ModelProto, vocab_size: int) -> list[str]:
             if node.op_type == "MatMul" and shapes.get(node.input[1], (0, 0))[-1:] == (vocab_size,)]
 
 
-def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int) -> dict[str, Any]:
-    """Quantise one exported graph in place (`path` + its external data); returns what was done."""
+def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
+                       grid: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Quantise one exported graph in place (`path` + its external data); returns what was done.
+    `grid`: a GGUF source's Q4_0 / Q4_1 / Q8_0 matrices (`read_grid`), lowered on their own grid
+    when the block size is ggml's 32 (`compiler/quantize_grid.py`); the rest is quantised here."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from skiptree.compiler.quantize_grid import apply_grid
 
     path = Path(path)
     data = path.with_name(path.name + ".data")
@@ -126,12 +133,15 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int) ->
     before = sum(1 for node in model.graph.node if node.op_type == "MatMul")
     folded = fold_transposed_weights(model) if spec.head else 0
     kept = [] if spec.head else head_matmuls(model, vocab_size)
+    on_grid, added = {}, []
+    if grid and spec.block_size == 32:
+        on_grid, added = apply_grid(model, grid, spec.accuracy_level, skip=set(kept))
     logger = logging.getLogger("onnxruntime.quantization")
     level, logger.level = logger.level, logging.WARNING  # one INFO line per node otherwise
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
                                          is_symmetric=False, accuracy_level=spec.accuracy_level,
-                                         nodes_to_exclude=kept)  # fmt: skip
+                                         nodes_to_exclude=kept + added)  # fmt: skip
         quantizer.process()
     finally:
         logger.level = level
@@ -143,4 +153,4 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int) ->
     kinds = [node.op_type for node in quantized.graph.node]
     return {**spec.to_json(), "quantized_matmuls": kinds.count("MatMulNBits"),
             "float_matmuls": kinds.count("MatMul"), "matmuls_before": before,
-            "head_folded": folded}  # fmt: skip
+            "head_folded": folded, "gguf_grid": on_grid}  # fmt: skip

@@ -5,6 +5,7 @@ transformers' GGUF tokenizer conversion (tokenizer only):
 
     config.json              HF config (model_type "llama" or "qwen2"), torch_dtype float32
     model.safetensors        every tensor dequantised to float32, HF parameter names
+    gguf_grid.safetensors    the raw Q4_0 / Q4_1 / Q8_0 blocks of those matrices (models/gguf_grid.py)
     tokenizer.json, tokenizer_config.json (+ chat_template.jinja)
     generation_config.json   bos / eos (/ pad) ids
     skiptree_source.json     source file name, its sha256, converter version
@@ -35,9 +36,10 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from skiptree.errors import ModelSourceError, UnsupportedArchitectureError
+from skiptree.models.gguf_grid import GRID_FILE, write_grid
 from skiptree.runtime.manifest import file_sha256  # noqa: F401  (re-exported for zoo and source)
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: Q4_0 / Q4_1 / Q8_0 blocks kept in gguf_grid.safetensors
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 COMPLETE_MARKER = ".skiptree-complete"
 SOURCE_RECORD = "skiptree_source.json"
@@ -84,6 +86,7 @@ def convert_gguf(
     plan = _tensor_plan(reader, arch, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_safetensors(out_dir / "model.safetensors", plan, config, progress)
+    grid = write_grid(out_dir / GRID_FILE, plan, lambda rows, name: _hf_row_order(rows, name, config))
     del reader, plan  # release the memory map before the tokenizer reads the file again
     _write_tokenizer(gguf_path, out_dir)
     _write_json(out_dir / "config.json", config)
@@ -92,6 +95,7 @@ def convert_gguf(
         "source_file": gguf_path.name,
         "sha256": sha256 or file_sha256(gguf_path),
         "converter_version": CONVERTER_VERSION,
+        "grid_tensors": grid,
     }
     _write_json(out_dir / SOURCE_RECORD, record)
     return out_dir
@@ -234,12 +238,17 @@ def _dequantized(tensor: ReaderTensor, name: str, config: dict) -> np.ndarray:
     """Float32 array in HF layout [out, in] (GGUF stores ne reversed), Q/K un-permuted for llama."""
     array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     array = array.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+    return np.ascontiguousarray(_hf_row_order(array, name, config))
+
+
+def _hf_row_order(array: np.ndarray, name: str, config: dict) -> np.ndarray:
+    """Rows [out, ...] of a GGUF tensor in HF order: llama's Q/K un-permuted, others as they are."""
     if config["model_type"] == "llama":
         if ".self_attn.q_proj." in name:
-            array = unpermute_rotary(array, config["num_attention_heads"])
-        elif ".self_attn.k_proj." in name:
-            array = unpermute_rotary(array, config["num_key_value_heads"])
-    return np.ascontiguousarray(array)
+            return unpermute_rotary(array, config["num_attention_heads"])
+        if ".self_attn.k_proj." in name:
+            return unpermute_rotary(array, config["num_key_value_heads"])
+    return array
 
 
 def unpermute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:

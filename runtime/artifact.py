@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from skiptree.errors import ModelSourceError
 from skiptree.runtime.corpus import CorpusDrafter, CorpusIndex
+from skiptree.runtime.draft_gate import VerifyCost
 from skiptree.runtime.drafters import CandidateSource, Drafter, DraftModelDrafter, PromptLookupDrafter
 from skiptree.runtime.early_exit import NEVER, EarlyExitStepModel
 from skiptree.runtime.feature_draft import FeatureDrafter
@@ -81,7 +82,7 @@ class Runtime(TextGenerator):
         names = spec.get("sources") or ([spec["drafter"]] if spec["drafter"] in TABLE_SOURCES else [])
         if names:  # free drafters, one or merged
             sources = [self._table_source(name, spec) for name in names]
-            return sources[0] if len(sources) == 1 else MergedDrafter(sources)
+            return MergedDrafter(sources, VerifyCost.from_json(spec.get("verify_cost")))
         if spec["drafter"] == "feature-head":
             name = spec["feature_head"]["graph"]
             head = self.backend.graph(name, self.backend.cache(self.manifest["graphs"][name]["signature"]))
@@ -118,7 +119,11 @@ class Runtime(TextGenerator):
             return dtype
         head = "" if quantization["head"] else ", float head"
         compute = "int8 activations" if quantization["accuracy_level"] == 4 else f"{dtype} activations"
-        return f"int{quantization['bits']} weights (block {quantization['block_size']}{head}), {compute}"
+        grids = quantization.get("gguf_grid") or {}
+        kept = ", ".join(f"{n} {kind}" for kind, n in grids.items())
+        grid = f"; the GGUF grid kept for {kept}" if kept else ""
+        block = quantization["block_size"]
+        return f"int{quantization['bits']} weights (block {block}{head}{grid}), {compute}"
 
     @property
     def description(self) -> str:

@@ -1,18 +1,20 @@
-"""Several free drafters as one: their proposals merged into one tree per step.
+"""Free drafters (one, or several as one): their proposals merged into one tree per step, gated.
 
 Every node's children are the sources' candidates in turn (duplicates once, under the first source
 that proposed them), so each source is a branch where it has something to say and fills the
-ranks another source leaves empty. Sources are ranked by their measured acceptance so far: the
-share of the tokens each proposed that the target accepted (Laplace-smoothed, so an untried
-source starts at 1/2); the tree's shape is the tuner's, from the merged drafter's acceptance by
-rank and the verify cost T(n). Which source proposed each draft node is recorded, so a result can
-say how many tokens each contributed.
+ranks another source leaves empty. Sources are ranked by their measured acceptance so far (at rank
+0, given the parent was accepted: `RankAcceptance`). The tree's shape (the tuner's, or --tree)
+bounds the draft; with a measured verify cost T(n) in the artifact, the per-step gate
+(`skiptree.runtime.draft_gate`) then verifies only the part predicted to pay, or nothing (a plain
+step). Which source proposed each draft node is recorded, so a result can say how many tokens each
+contributed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from skiptree.runtime.draft_gate import RankAcceptance, VerifyCost, gate_draft
 from skiptree.runtime.drafters import CandidateSource, Draft, fill_tree
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import TreeShape
@@ -21,13 +23,14 @@ from skiptree.runtime.tree import TreeShape
 class MergedDrafter:
     """Prompt lookup, recycling and corpus lookup (any of them) proposing one tree together."""
 
-    def __init__(self, sources: list[CandidateSource]):
+    def __init__(self, sources: list[CandidateSource], cost: VerifyCost | None = None):
+        """`cost`: the verify cost T(n) / T(0) that gates each step (None: verify whole drafts)."""
         if len({source.name for source in sources}) != len(sources):
             raise ValueError(f"a source appears twice in {[source.name for source in sources]}")
-        self.sources = list(sources)
+        self.sources, self.cost = list(sources), cost
         self.name = "+".join(source.name for source in sources)
-        self.proposed = dict.fromkeys(self.by_name, 0)
-        self.accepted = dict.fromkeys(self.by_name, 0)
+        self.acceptance = RankAcceptance()
+        self.last = Draft()
 
     @property
     def by_name(self) -> dict[str, CandidateSource]:
@@ -42,13 +45,9 @@ class MergedDrafter:
             if getattr(source, "wants_logits", False):
                 source.observe_logits(tokens, logits)
 
-    def acceptance(self, name: str) -> float:
-        """Share of the source's proposed tokens that were accepted, smoothed: (a + 1) / (p + 2)."""
-        return (self.accepted[name] + 1) / (self.proposed[name] + 2)
-
     def ranked(self) -> list[CandidateSource]:
-        """Sources best first (stable: ties keep the order they were given in)."""
-        return sorted(self.sources, key=lambda source: -self.acceptance(source.name))
+        """Sources best first by acceptance at rank 0 (stable: ties keep the order given)."""
+        return sorted(self.sources, key=lambda source: -self.acceptance.rate(source.name, 0))
 
     def propose(self, context: list[int], shape: TreeShape, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:  # fmt: skip
@@ -65,12 +64,11 @@ class MergedDrafter:
                     break
             return list(merged.items())[:limit]
 
-        return fill_tree(shape, candidates)
+        draft = fill_tree(shape, candidates)
+        self.last = draft if self.cost is None else gate_draft(draft, self.acceptance, self.cost)
+        return self.last
 
-    def observe_accepted(self, sources: list[str], accepted: list[int]) -> None:
-        """After verification: the verified nodes' sources and the accepted ones (verify numbering,
-        1 = draft node 0)."""
-        for source in sources:
-            self.proposed[source] += 1
-        for node in accepted:
-            self.accepted[sources[node - 1]] += 1
+    def observe_accepted(self, verified: int, accepted: list[int]) -> None:
+        """After verifying the first `verified` nodes of the last draft: the accepted ones (verify
+        numbering, 1 = draft node 0)."""
+        self.acceptance.record(self.last, verified, accepted)

@@ -155,7 +155,7 @@ class SpeculativeDecoder:
             labels = draft.sources[:keep] or [self.drafter.name] * keep
             sources = [labels[node - 1] for node in accepted]
             if hasattr(self.drafter, "observe_accepted"):
-                self.drafter.observe_accepted(labels, accepted)
+                self.drafter.observe_accepted(keep, accepted)
             if features is not None:
                 self.drafter.observe(features[[0, *accepted]])
             self._compact(accepted)

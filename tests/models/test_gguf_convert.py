@@ -216,7 +216,7 @@ def test_config_json(tmp_path):
     assert generation == {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     record = json.loads((out / "skiptree_source.json").read_text())
     assert record == {"source_file": "l.gguf", "sha256": file_sha256(path),
-                      "converter_version": CONVERTER_VERSION}
+                      "converter_version": CONVERTER_VERSION, "grid_tensors": 0}  # F32: no grid
 
 
 def test_qwen2_config_untied_with_biases(tmp_path):

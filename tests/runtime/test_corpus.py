@@ -11,6 +11,7 @@ import skiptree
 from skiptree.compiler.compile import compile_model
 from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.runtime.corpus import SEPARATOR, CorpusDrafter, CorpusIndex, suffix_array
+from skiptree.runtime.draft_gate import VerifyCost
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import parse_tree
 
@@ -39,7 +40,10 @@ def corpus_setup(tiny_artifact, tmp_path_factory):
                                                                      tree="k-ary:2x3"), **QUIET)  # fmt: skip
     merged = compile_model(folder, root / "merged", CompileOptions(
         max_seq_len=48, draft=f"lookup+recycle+corpus:{docs}", tree="k-ary:2x3"), **QUIET)  # fmt: skip
-    return skiptree.load(corpus), skiptree.load(merged), plain, docs
+    runtimes = skiptree.load(corpus), skiptree.load(merged)
+    for runtime in runtimes:  # the measured T(n) depends on the machine's load: free verification here
+        runtime.speculative.drafter.cost = VerifyCost((1,), (1.0,))
+    return *runtimes, plain, docs
 
 
 def naive_suffix_array(tokens: list[int]) -> list[int]:
@@ -107,7 +111,7 @@ def test_the_datastore_round_trips_through_the_artifact(corpus_setup):
     assert entry["file"] in corpus.manifest["files"] and entry["bytes"] == 8 * entry["tokens"]
     texts = [(docs / "a.txt").read_text(), (docs / "sub" / "b.txt").read_text()]
     built = CorpusIndex.build([[int(word[1:]) for word in text.split()] for text in texts])
-    index = skiptree.load(corpus.folder).speculative.drafter.index
+    index = skiptree.load(corpus.folder).speculative.drafter.by_name["corpus"].index
     np.testing.assert_array_equal(index.tokens, built.tokens)
     np.testing.assert_array_equal(index.suffixes, built.suffixes)
     assert combined.manifest["speculative"]["sources"] == ["prompt-lookup", "recycle", "corpus"]
@@ -135,3 +139,18 @@ def test_a_corpus_over_the_limit_is_refused(tiny_artifact, tmp_path, monkeypatch
         options = CompileOptions(max_seq_len=48, draft=f"corpus:{tmp_path}/docs")
         compile_model(folder, tmp_path / "art", options, **QUIET)
     assert not (tmp_path / "art").exists()  # nothing half-written
+
+
+def test_the_gate_decodes_plainly_when_nothing_pays(corpus_setup):
+    corpus, _, plain, _ = corpus_setup
+    cost = corpus.manifest["speculative"]["verify_cost"]  # measured at compile time
+    assert cost["nodes"][0] == 1 and len(cost["ratio"]) == len(cost["nodes"]) and cost["plain_ms"] > 0
+    assert cost["ratio"] == sorted(cost["ratio"])
+    drafter = corpus.speculative.drafter
+    measured, drafter.cost = drafter.cost, VerifyCost((1,), (100.0,))  # verifying anything: 100x a step
+    try:
+        result = corpus.generate([5, 6, 7], max_new_tokens=16, eos_token_id=[]).result
+    finally:
+        drafter.cost = measured
+    assert all(step.drafted == 0 for step in result.steps)
+    assert result.token_ids == plain.generate([5, 6, 7], max_new_tokens=16, eos_token_id=[]).token_ids

@@ -40,10 +40,12 @@ def test_sources_are_ranked_by_their_measured_acceptance():
     recycle = recycling_with({3: [4, 9]})
     merged = MergedDrafter([PromptLookupDrafter(), recycle])
     assert [source.name for source in merged.ranked()] == ["prompt-lookup", "recycle"]  # untried: as given
-    merged.observe_accepted(["prompt-lookup", "recycle", "prompt-lookup"], [2])  # recycle's node accepted
-    assert merged.acceptance("recycle") == pytest.approx(2 / 3) and merged.acceptance("prompt-lookup") == 0.25
+    assert propose(merged, [1, 2, 3, 5, 1, 2, 3], "k-ary:2x1").tokens == [5, 4]  # lookup's 5 first
+    merged.observe_accepted(2, [2])  # recycle's 4 accepted, lookup's 5 not
+    assert merged.acceptance.rate("recycle", 1) == pytest.approx(2 / 3)
+    assert merged.acceptance.rate("prompt-lookup", 0) == pytest.approx(1 / 3)
     assert [source.name for source in merged.ranked()] == ["recycle", "prompt-lookup"]
-    assert propose(merged, [1, 2, 3, 5, 1, 2, 3], "k-ary:2x1").tokens == [4, 9]  # recycle first now: 4, 9
+    assert propose(merged, [1, 2, 3, 5, 1, 2, 3], "k-ary:2x1").tokens == [4, 9]  # recycle first now
 
 
 def test_a_source_with_nothing_leaves_the_tree_to_the_others():

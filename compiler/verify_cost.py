@@ -1,0 +1,52 @@
+"""Measure the verify step's cost T(n) at compile time, for the free drafters' per-step gate.
+
+The lowered verify graph runs on the compiling machine (the artifact's own threads) after a
+`prefix`-token context, with chains of n draft nodes (n + 1 tokens with the root), sizes
+interleaved, median of `repeats`. Stored as T(n) / T(0) in the manifest (`speculative.verify_cost`);
+T(0) is the plain step (the same graph with the root alone). A few seconds for a 135M model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skiptree.runtime.artifact import open_backend, step_model_of
+from skiptree.runtime.onnx_step import SessionConfig
+
+COST_NODES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def measure_verify_cost(folder: Path, manifest: dict[str, Any], threads: int, repeats: int = 3
+                        ) -> dict[str, Any]:  # fmt: skip
+    """{"prefix", "plain_ms", "nodes", "ratio"} of the verify graph in the artifact being built."""
+    step = step_model_of(open_backend(folder, manifest, SessionConfig(threads=threads)), manifest)
+    graph, max_seq_len = step.graph, step.max_seq_len
+    largest = min(manifest["speculative"]["max_tree"], getattr(step, "max_tree", 64)) - 1
+    nodes = [n for n in COST_NODES if n <= largest]
+    prefix = min(128, max_seq_len - (max(nodes, default=0) + 1))
+    vocab = manifest["model"]["config"]["vocab_size"]
+    step.prefill([(7 * i + 3) % vocab for i in range(prefix)])
+
+    def verify(n: int) -> None:
+        step.cache.length = prefix
+        graph.run({"tokens": np.full((1, n + 1), 5, dtype=np.int64),
+                   "parents": np.maximum(np.arange(n + 1, dtype=np.int64) - 1, 0),
+                   "prefix_len": np.asarray([prefix], dtype=np.int64)}, ("next_ids",))  # fmt: skip
+
+    sizes = [0, *nodes]
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for rep in range(repeats + 1):  # the first round warms up each size
+        for n in sizes[rep % len(sizes) :] + sizes[: rep % len(sizes)]:
+            start = time.perf_counter()
+            verify(n)
+            if rep:
+                times[n].append(1000 * (time.perf_counter() - start))
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    ratios = np.maximum.accumulate([medians[n] / medians[0] for n in nodes])  # more nodes never cost less
+    return {"prefix": prefix, "plain_ms": round(medians[0], 3), "nodes": nodes,
+            "ratio": [round(float(r), 4) for r in ratios]}  # fmt: skip

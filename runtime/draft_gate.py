@@ -1,0 +1,103 @@
+"""The per-step gate of free drafters: verify only the part of a draft that is predicted to pay.
+
+A free drafter proposes whatever its tables hold, right or wrong, and on a CPU every verified node
+costs (the verify step grows with its token count). Each step, the gate estimates how likely every
+draft node is to be accepted and keeps the n most likely nodes (a tree: a child is never likelier
+than its parent) that maximise the predicted speed of the step,
+
+    (1 + sum of the n nodes' acceptance probabilities) / (T(n) / T(0)),
+
+where T(n) is the verify step's measured cost with n draft nodes (`VerifyCost`, measured at compile
+time on the compiling machine) and T(0) a plain step. n = 0 (a plain step) when nothing pays.
+
+A node's probability is its parent's times the acceptance rate of its source at its rank among its
+siblings, given that its parent was accepted (`RankAcceptance`, counted online from every verify
+step, Laplace-smoothed so an untried (source, rank) starts at 1/2). This is Sequoia's acceptance by
+rank, per source and measured as decoding goes; the tree shape the tuner chose bounds the draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from skiptree.runtime.drafters import Draft
+
+
+@dataclass(frozen=True)
+class VerifyCost:
+    """T(n) / T(0) by draft nodes n, measured; interpolated between, extended linearly past the end."""
+
+    nodes: tuple[int, ...]
+    ratio: tuple[float, ...]
+
+    @classmethod
+    def from_json(cls, entry: dict | None) -> VerifyCost | None:
+        return None if not entry else cls(tuple(entry["nodes"]), tuple(entry["ratio"]))
+
+    def __call__(self, nodes: int) -> float:
+        xs, ys = (0, *self.nodes), (1.0, *self.ratio)
+        if nodes <= xs[-1]:
+            return float(np.interp(nodes, xs, ys))
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + slope * (nodes - xs[-1])
+
+
+@dataclass
+class RankAcceptance:
+    """P(accepted | parent accepted) by (source, rank among siblings), counted online."""
+
+    judged: dict[tuple[str, int], int] = field(default_factory=dict)
+    accepted: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def rate(self, source: str, rank: int) -> float:
+        key = (source, rank)
+        return (self.accepted.get(key, 0) + 1) / (self.judged.get(key, 0) + 2)
+
+    def record(self, draft: Draft, verified: int, accepted: list[int]) -> None:
+        """The first `verified` nodes of `draft` were verified; `accepted` (verify numbering, 1 = draft
+        node 0) were accepted. A node was judged when its parent was the root or accepted."""
+        taken = {node - 1 for node in accepted}
+        for node, rank in enumerate(sibling_ranks(draft.parents[:verified])):
+            parent = draft.parents[node]
+            if parent == -1 or parent in taken:
+                key = (draft.sources[node], rank)
+                self.judged[key] = self.judged.get(key, 0) + 1
+                self.accepted[key] = self.accepted.get(key, 0) + (node in taken)
+
+
+def sibling_ranks(parents: list[int]) -> list[int]:
+    """Each node's index among its parent's children (in draft order)."""
+    seen: dict[int, int] = {}
+    ranks = []
+    for parent in parents:
+        ranks.append(seen.get(parent, 0))
+        seen[parent] = ranks[-1] + 1
+    return ranks
+
+
+def node_probabilities(draft: Draft, acceptance: RankAcceptance) -> list[float]:
+    probabilities: list[float] = []
+    for node, rank in enumerate(sibling_ranks(draft.parents)):
+        parent = draft.parents[node]
+        above = 1.0 if parent == -1 else probabilities[parent]
+        probabilities.append(above * acceptance.rate(draft.sources[node], rank))
+    return probabilities
+
+
+def gate_draft(draft: Draft, acceptance: RankAcceptance, cost: VerifyCost) -> Draft:
+    """The subtree of `draft` with the best predicted speed (see the module doc); empty: plain step."""
+    if not draft.tokens:
+        return draft
+    probabilities = node_probabilities(draft, acceptance)
+    order = sorted(range(len(probabilities)), key=lambda node: (-probabilities[node], node))
+    gains = 1.0 + np.cumsum([probabilities[node] for node in order])
+    speeds = [1.0] + [gain / cost(n) for n, gain in enumerate(gains, start=1)]
+    best = int(np.argmax(speeds))
+    kept = sorted(order[:best])  # parents before children: a parent is at least as likely
+    renumber = {old: new for new, old in enumerate(kept)}
+    gated = Draft()
+    for old in kept:
+        gated.add(draft.tokens[old], renumber.get(draft.parents[old], -1), draft.sources[old])
+    return gated

@@ -1,0 +1,65 @@
+"""A GGUF source's Q4_0 / Q4_1 / Q8_0 weights are lowered to MatMulNBits on their own grid."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import skiptree
+from skiptree.compiler.compile import compile_model
+from skiptree.compiler.options import CompileOptions
+from skiptree.models.gguf_convert import convert_gguf
+from skiptree.models.gguf_grid import read_grid
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+from test_gguf_convert import tiny_hf_model, write_gguf  # noqa: E402
+
+QUIET = dict(log=lambda message: None)
+PROMPT = [5, 17, 64, 33, 2, 9, 11, 40]
+
+
+@pytest.fixture(scope="module", params=["Q4_0", "Q4_1", "Q8_0"])
+def gguf_folder(request, tmp_path_factory):
+    """(kind, a converted tiny llama GGUF whose matrices are all of that kind)."""
+    root = tmp_path_factory.mktemp(f"grid-{request.param}")
+    kind = getattr(gguf.GGMLQuantizationType, request.param)
+    path = write_gguf(tiny_hf_model("llama"), root / "tiny.gguf", kind)
+    return request.param, convert_gguf(path, root / "model", progress=False)
+
+
+def logits_of(artifact: Path) -> np.ndarray:
+    runtime = skiptree.load(artifact)
+    return runtime.step_model.forward(PROMPT, ("logits",))[0]
+
+
+def test_the_converter_keeps_the_blocks_and_they_dequantise_to_the_floats(gguf_folder):
+    from safetensors import safe_open
+
+    kind, folder = gguf_folder
+    grid = read_grid(folder)
+    assert len(grid) == 2 * 7 + 1 and {tensor.kind for tensor in grid.values()} == {kind}  # + the embedding
+    with safe_open(str(folder / "model.safetensors"), framework="numpy") as weights:
+        for name, tensor in grid.items():
+            np.testing.assert_array_equal(tensor.dequantized(), weights.get_tensor(name))  # bit for bit
+
+
+def test_quantised_on_the_grid_computes_the_gguf_model(gguf_folder, tmp_path):
+    """float32 activations (accuracy=0): on the grid the int artifact is the float artifact, to float
+    rounding; re-quantising the dequantised weights (block 64: off the grid) is not."""
+    kind, folder = gguf_folder
+    bits = "int8" if kind == "Q8_0" else "int4"
+    plain = compile_model(folder, tmp_path / "float", CompileOptions(max_seq_len=32), **QUIET)
+    reference = logits_of(plain)
+    options = {"grid": f"{bits}:accuracy=0", "off": f"{bits}:block=64,accuracy=0"}
+    on_grid, off_grid = (compile_model(folder, tmp_path / name, CompileOptions(max_seq_len=32, quantize=q),
+                                       **QUIET) for name, q in options.items())  # fmt: skip
+    entry = skiptree.load(on_grid).manifest["graphs"]["step"]["quantization"]
+    assert entry["gguf_grid"] == {kind: 2 * 7 + 1} and entry["quantized_matmuls"] == 2 * 7 + 1
+    assert "the GGUF grid kept for 15 " + kind in skiptree.load(on_grid).precision
+    scale = np.abs(reference).max()
+    assert np.abs(logits_of(on_grid) - reference).max() < 1e-5 * scale
+    assert np.abs(logits_of(off_grid) - reference).max() > 1e-3 * scale
