@@ -101,7 +101,7 @@ def test_compile_refuses_a_max_seq_len_beyond_the_context(tiny_artifact, tmp_pat
 def test_speculative_compile_and_generate(tiny_artifact, tmp_path):
     folder, _ = tiny_artifact
     art = tmp_path / "spec"
-    out = run_cli("compile", str(folder), "-o", str(art), "--max-seq-len", "48", "--draft", "prompt-lookup",
+    out = run_cli("compile", str(folder), "-o", str(art), "--max-seq-len", "48", "--draft", "lookup+recycle",
                   "--tree", "k-ary:2x2")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "InsertTreeVerify: modified" in out.stderr
@@ -114,6 +114,11 @@ def test_speculative_compile_and_generate(tiny_artifact, tmp_path):
     assert sum(s["emitted"] for s in steps) == 11
     assert {"drafted", "accepted", "verify_seconds"} <= set(steps[0])
     assert spec_record["mean_accepted"] == round(11 / len(steps), 4)
+    counts = spec_record["tokens_by_source"]
+    assert set(counts) <= {"target", "prompt-lookup", "recycle"} and sum(counts.values()) == 12
+    assert counts["target"] >= 12 - sum(s["accepted"] for s in steps)  # the last step may be cut
+    text = run_cli("generate", str(art), *args[:-1])
+    assert "tokens per target step" in text.stderr and "from target" in text.stderr
 
 
 def test_a_draft_with_another_tokenizer_is_refused(tiny_artifact, tmp_path, capsys):
