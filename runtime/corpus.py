@@ -124,6 +124,7 @@ class CorpusDrafter:
     """Draft the continuations of the context's longest corpus match (see the module doc)."""
 
     name = "corpus"
+    matched = 0
 
     def __init__(self, index: CorpusIndex, max_match: int = 16, min_match: int = 2):
         self.index, self.max_match, self.min_match = index, max_match, min_match
@@ -135,6 +136,7 @@ class CorpusDrafter:
 
     def candidates(self, context: list[int], path: list[int], limit: int) -> list[int]:
         found = self.ranges.get(tuple(path))
+        self.matched = 0 if found is None else found[2]  # the match grows with the path
         if found is None:
             return []
         lo, hi, offset = found

@@ -11,9 +11,10 @@ where T(n) is the verify step's measured cost with n draft nodes (`VerifyCost`, 
 time on the compiling machine) and T(0) a plain step. n = 0 (a plain step) when nothing pays.
 
 A node's probability is its parent's times the acceptance rate of its source at its rank among its
-siblings, given that its parent was accepted (`RankAcceptance`, counted online from every verify
-step, Laplace-smoothed so an untried (source, rank) starts at 1/2). This is Sequoia's acceptance by
-rank, per source and measured as decoding goes; the tree shape the tuner chose bounds the draft.
+siblings and at its evidence (how many tokens a lookup matched: 0-1, 2, 3, 4-7, 8+), given that its
+parent was accepted (`RankAcceptance`, counted online from every verify step, Laplace-smoothed so an
+untried class starts at 1/2). This is Sequoia's acceptance by rank, per source and match length and
+measured as decoding goes; the tree shape the tuner chose bounds the draft.
 """
 
 from __future__ import annotations
@@ -44,15 +45,24 @@ class VerifyCost:
         return ys[-1] + slope * (nodes - xs[-1])
 
 
+def evidence_class(evidence: int) -> int:
+    """Match lengths grouped: 0 (none or 1 token), 2, 3, 4 (4-7), 8 (8 and more)."""
+    return 0 if evidence < 2 else evidence if evidence < 4 else 4 if evidence < 8 else 8
+
+
+ANY = -1  # the evidence class of a source's counts over all classes (for ranking the sources)
+
+
 @dataclass
 class RankAcceptance:
-    """P(accepted | parent accepted) by (source, rank among siblings), counted online."""
+    """P(accepted | parent accepted) by (source, evidence class, rank among siblings), counted
+    online; also over all classes (class ANY)."""
 
-    judged: dict[tuple[str, int], int] = field(default_factory=dict)
-    accepted: dict[tuple[str, int], int] = field(default_factory=dict)
+    judged: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    accepted: dict[tuple[str, int, int], int] = field(default_factory=dict)
 
-    def rate(self, source: str, rank: int) -> float:
-        key = (source, rank)
+    def rate(self, source: str, rank: int, evidence: int = ANY) -> float:
+        key = (source, evidence if evidence == ANY else evidence_class(evidence), rank)
         return (self.accepted.get(key, 0) + 1) / (self.judged.get(key, 0) + 2)
 
     def record(self, draft: Draft, verified: int, accepted: list[int]) -> None:
@@ -62,9 +72,10 @@ class RankAcceptance:
         for node, rank in enumerate(sibling_ranks(draft.parents[:verified])):
             parent = draft.parents[node]
             if parent == -1 or parent in taken:
-                key = (draft.sources[node], rank)
-                self.judged[key] = self.judged.get(key, 0) + 1
-                self.accepted[key] = self.accepted.get(key, 0) + (node in taken)
+                source, evidence = draft.sources[node], evidence_class(draft.evidence[node])
+                for key in ((source, evidence, rank), (source, ANY, rank)):
+                    self.judged[key] = self.judged.get(key, 0) + 1
+                    self.accepted[key] = self.accepted.get(key, 0) + (node in taken)
 
 
 def sibling_ranks(parents: list[int]) -> list[int]:
@@ -82,7 +93,7 @@ def node_probabilities(draft: Draft, acceptance: RankAcceptance) -> list[float]:
     for node, rank in enumerate(sibling_ranks(draft.parents)):
         parent = draft.parents[node]
         above = 1.0 if parent == -1 else probabilities[parent]
-        probabilities.append(above * acceptance.rate(draft.sources[node], rank))
+        probabilities.append(above * acceptance.rate(draft.sources[node], rank, draft.evidence[node]))
     return probabilities
 
 
@@ -99,5 +110,6 @@ def gate_draft(draft: Draft, acceptance: RankAcceptance, cost: VerifyCost) -> Dr
     renumber = {old: new for new, old in enumerate(kept)}
     gated = Draft()
     for old in kept:
-        gated.add(draft.tokens[old], renumber.get(draft.parents[old], -1), draft.sources[old])
+        parent = renumber.get(draft.parents[old], -1)
+        gated.add(draft.tokens[old], parent, draft.sources[old], draft.evidence[old])
     return gated

@@ -26,13 +26,15 @@ class Draft:
     child_probs: list[np.ndarray | None] = field(default_factory=lambda: [None])  # per verify node
     hidden: np.ndarray | None = None  # [1 + n, H]: a prefix-exit self-draft's states, root first
     sources: list[str] = field(default_factory=list)  # per node: which source proposed it ([]: the drafter)
+    evidence: list[int] = field(default_factory=list)  # per node: the tokens its source matched (lookups)
 
-    def add(self, token: int, parent: int, source: str | None = None) -> int:
+    def add(self, token: int, parent: int, source: str | None = None, evidence: int = 0) -> int:
         self.tokens.append(token)
         self.parents.append(parent)
         self.child_probs.append(None)
         if source is not None:
             self.sources.append(source)
+            self.evidence.append(evidence)
         return len(self.tokens) - 1
 
 
@@ -43,25 +45,32 @@ class Drafter(Protocol):
                 rng: np.random.Generator) -> Draft: ...  # fmt: skip
 
 
-def fill_tree(shape: TreeShape, candidates: Callable[[list[int], int], list[tuple[int, str]]]) -> Draft:
+Candidates = Callable[[list[int], int], list[tuple[int, str, int]]]
+
+
+def fill_tree(shape: TreeShape, candidates: Candidates) -> Draft:
     """A deterministic draft shaped like `shape`: `candidates(path, limit)` gives at most `limit`
-    (token, source) children, best first, of the node reached by `path` (the tokens below the
-    root). A node with fewer candidates than the shape's children drops the rest with their subtrees."""
+    (token, source, evidence) children, best first, of the node reached by `path` (the tokens below
+    the root). A node with fewer candidates than the shape's children drops the rest with their
+    subtrees."""
     draft, kept = Draft(), {-1: -1}  # shape node -> draft node
     paths: dict[int, list[int]] = {-1: []}
     for parent, kids in shape.children().items():  # parents before children (BFS order)
         if parent not in kept:
             continue  # dropped with its subtree
-        for node, (token, source) in zip(kids, candidates(paths[parent], len(kids)), strict=False):
-            kept[node] = draft.add(token, kept[parent], source)
+        for node, (token, source, evidence) in zip(kids, candidates(paths[parent], len(kids)), strict=False):
+            kept[node] = draft.add(token, kept[parent], source, evidence)
             paths[node] = paths[parent] + [token]
     return draft
 
 
 class CandidateSource(Protocol):
-    """A drafter that proposes children node by node (prompt lookup, recycling, corpus lookup)."""
+    """A drafter that proposes children node by node (prompt lookup, recycling, corpus lookup).
+    `matched`: after `candidates`, how many tokens of context + path its proposals rest on (a
+    lookup's match length; 0 when that means nothing), so the gate can trust long matches more."""
 
     name: str
+    matched: int
 
     def prepare(self, context: list[int]) -> None: ...
     def candidates(self, context: list[int], path: list[int], limit: int) -> list[int]: ...
@@ -70,8 +79,11 @@ class CandidateSource(Protocol):
 def draft_from(source: CandidateSource, context: list[int], shape: TreeShape) -> Draft:
     """The tree `source` proposes after `context` (its last token is the root)."""
     source.prepare(context)
-    name = source.name
-    return fill_tree(shape, lambda path, limit: [(t, name) for t in source.candidates(context, path, limit)])
+    def candidates(path: list[int], limit: int) -> list[tuple[int, str, int]]:
+        tokens = source.candidates(context, path, limit)
+        return [(token, source.name, source.matched) for token in tokens]
+
+    return fill_tree(shape, candidates)
 
 
 class PromptLookupDrafter:
@@ -79,6 +91,7 @@ class PromptLookupDrafter:
     last n tokens (n from `max_ngram` down to `min_ngram`), most recent occurrence first."""
 
     name = "prompt-lookup"
+    matched = 0
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -96,17 +109,32 @@ class PromptLookupDrafter:
         self.context = list(context)
 
     def candidates(self, context: list[int], path: list[int], limit: int) -> list[int]:
-        """Distinct next tokens after earlier occurrences of the suffix of context + path, best first."""
+        """Distinct next tokens after earlier occurrences of the suffix of context + path, best first.
+        `matched`: how far (up to 16 tokens) the best candidate's occurrence matches back."""
         sequence = context[-self.max_ngram :] + path
         found: list[int] = []
+        self.matched = 0
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             for position in reversed(self.index.get(tuple(sequence[-n:]), ())):
                 token = self.context[position]
+                if not found:
+                    self.matched = self._match_length(context, path, position)
                 if token not in found:
                     found.append(token)
                     if len(found) == limit:
                         return found
         return found
+
+    def _match_length(self, context: list[int], path: list[int], position: int, cap: int = 16) -> int:
+        """Tokens of context + path, from the end, equal to those before `position` (at most `cap`)."""
+        length = 0
+        while length < min(cap, position, len(context) + len(path)):
+            back = length + 1
+            ours = path[-back] if back <= len(path) else context[-(back - len(path))]
+            if self.context[position - back] != ours:
+                break
+            length += 1
+        return length
 
     def propose(self, context, shape, sampling, rng) -> Draft:
         return draft_from(self, context, shape)

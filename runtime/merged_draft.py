@@ -2,12 +2,12 @@
 
 Every node's children are the sources' candidates in turn (duplicates once, under the first source
 that proposed them), so each source is a branch where it has something to say and fills the
-ranks another source leaves empty. Sources are ranked by their measured acceptance so far (at rank
-0, given the parent was accepted: `RankAcceptance`). The tree's shape (the tuner's, or --tree)
-bounds the draft; with a measured verify cost T(n) in the artifact, the per-step gate
-(`skiptree.runtime.draft_gate`) then verifies only the part predicted to pay, or nothing (a plain
-step). Which source proposed each draft node is recorded, so a result can say how many tokens each
-contributed.
+ranks another source leaves empty. Sources are ranked by their measured acceptance so far (at
+rank 0, given the parent was accepted, over all match lengths: `RankAcceptance`). The tree's shape
+(the tuner's, or --tree) bounds the draft; with a measured verify cost T(n) in the artifact, the
+per-step gate (`skiptree.runtime.draft_gate`) then verifies only the part predicted to pay, or
+nothing (a plain step). Which source proposed each draft node is recorded, so a result can say
+how many tokens each contributed.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ class MergedDrafter:
         for source in order:
             source.prepare(context)
 
-        def candidates(path: list[int], limit: int) -> list[tuple[int, str]]:
-            merged: dict[int, str] = {}
+        def candidates(path: list[int], limit: int) -> list[tuple[int, str, int]]:
+            merged: dict[int, tuple[int, str, int]] = {}
             for source in order:
                 for token in source.candidates(context, path, limit):
-                    merged.setdefault(token, source.name)
+                    merged.setdefault(token, (token, source.name, source.matched))
                 if len(merged) >= limit:
                     break
-            return list(merged.items())[:limit]
+            return list(merged.values())[:limit]
 
         draft = fill_tree(shape, candidates)
         self.last = draft if self.cost is None else gate_draft(draft, self.acceptance, self.cost)

@@ -35,6 +35,7 @@ class RecyclingDrafter:
     """Token Recycling over a fixed [vocab_size, width] table (see the module doc)."""
 
     name = "recycle"
+    matched = 0  # a table row rests on one token: no match length to speak of
     wants_logits = True  # the decoder hands it the verify step's logits (`observe_logits`)
 
     def __init__(self, vocab_size: int, width: int = 8, table: np.ndarray | None = None):

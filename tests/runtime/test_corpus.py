@@ -99,7 +99,8 @@ def test_sources_report_what_they_contributed(corpus_setup):
         output = runtime.generate(prompt, max_new_tokens=24, eos_token_id=[])
         assert output.token_ids == expected
         counts = output.to_json()["tokens_by_source"]
-        assert counts["corpus"] >= 12 and sum(counts.values()) == 24
+        assert sum(counts.values()) == 24 and counts["target"] <= 12  # shared tokens: the best-ranked source
+        assert runtime is combined or counts["corpus"] >= 12
         assert output.result.mean_accepted > 2.0
     assert combined.speculative.drafter.name == "prompt-lookup+recycle+corpus"
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from skiptree.runtime.draft_gate import (
+    ANY,
     RankAcceptance,
     VerifyCost,
+    evidence_class,
     gate_draft,
     node_probabilities,
     sibling_ranks,
@@ -14,10 +16,10 @@ from skiptree.runtime.draft_gate import (
 from skiptree.runtime.drafters import Draft
 
 
-def draft_of(tokens, parents, source="recycle") -> Draft:
+def draft_of(tokens, parents, source="recycle", evidence=None) -> Draft:
     draft = Draft()
-    for token, parent in zip(tokens, parents, strict=True):
-        draft.add(token, parent, source)
+    for node, (token, parent) in enumerate(zip(tokens, parents, strict=True)):
+        draft.add(token, parent, source, evidence[node] if evidence else 0)
     return draft
 
 
@@ -34,9 +36,24 @@ def test_only_nodes_whose_parent_was_accepted_are_judged():
     draft = draft_of([7, 8, 9, 10], [-1, -1, 0, 1])  # 7 and 8 under the root; 9 under 7; 10 under 8
     assert sibling_ranks(draft.parents) == [0, 1, 0, 0]
     acceptance.record(draft, verified=4, accepted=[1, 3])  # 7, then 9
-    assert acceptance.judged == {("recycle", 0): 2, ("recycle", 1): 1}  # 7, 9; 8 (rank 1); not 10
-    assert acceptance.accepted == {("recycle", 0): 2, ("recycle", 1): 0}
+    judged = {("recycle", 0, 0): 2, ("recycle", 0, 1): 1}  # 7, 9; 8 (rank 1); not 10
+    assert acceptance.judged == {**judged, ("recycle", ANY, 0): 2, ("recycle", ANY, 1): 1}
+    assert acceptance.accepted[("recycle", 0, 0)] == 2 and acceptance.accepted[("recycle", 0, 1)] == 0
     assert acceptance.rate("recycle", 0) == pytest.approx(3 / 4) and acceptance.rate("corpus", 0) == 0.5
+
+
+def test_long_matches_earn_their_own_acceptance():
+    acceptance = RankAcceptance()
+    for _ in range(6):  # 8+-token matches accepted, 2-token ones not
+        acceptance.record(draft_of([7], [-1], "corpus", [12]), verified=1, accepted=[1])
+        acceptance.record(draft_of([7], [-1], "corpus", [2]), verified=1, accepted=[])
+    assert evidence_class(12) == 8 and evidence_class(5) == 4 and evidence_class(1) == 0
+    assert acceptance.rate("corpus", 0, 9) == pytest.approx(7 / 8)
+    assert acceptance.rate("corpus", 0, 2) == pytest.approx(1 / 8)
+    assert acceptance.rate("corpus", 0) == pytest.approx(7 / 14)  # over all classes: ranks the sources
+    draft = draft_of([4, 5], [-1, -1], "corpus", [2, 10])
+    kept = gate_draft(draft, acceptance, VerifyCost((1, 2), (1.3, 1.6)))
+    assert kept.tokens == [5] and kept.evidence == [10]  # only the long match pays
 
 
 def test_the_gate_keeps_the_subtree_that_pays():

@@ -65,3 +65,17 @@ def test_draft_values_name_their_sources():
     assert table_sources("models/draft-0.5b") is None and table_sources(None) is None
     with pytest.raises(CompileOptionError, match="'self:exit=4' is not a free drafter"):
         table_sources("lookup+self:exit=4")
+
+
+def test_lookups_report_how_long_their_match_is():
+    lookup = PromptLookupDrafter()
+    context = [9, 1, 2, 3, 4, 5, 6, 8, 7, 1, 2, 3, 4, 5, 6]  # "1 2 3 4 5 6" came before, then 8
+    lookup.prepare(context)
+    assert lookup.candidates(context, [], 1) == [8] and lookup.matched == 6
+    assert lookup.candidates(context, [8], 1) == [7] and lookup.matched == 7
+    corpus = CorpusDrafter(CorpusIndex.build([[1, 2, 3, 4, 5]]))
+    corpus.prepare([0, 2, 3])
+    assert corpus.candidates([0, 2, 3], [], 1) == [4] and corpus.matched == 2
+    assert corpus.candidates([0, 2, 3], [4], 1) == [5] and corpus.matched == 3
+    merged = MergedDrafter([corpus])
+    assert propose(merged, [0, 2, 3], "chain:2").evidence == [2, 3]
