@@ -12,6 +12,9 @@ becomes MatMulNBits with the matrix's own codes and scales (block 32, as ggml's)
 Q4_1 as a float zero point (-m / d) would round (about 10% of SmolLM2's blocks) and takes ORT's
 slow dequantise-every-call path; the separate minimum term is exact and costs one small MatMul.
 ggml packs element i and i + 16 into byte i; MatMulNBits wants elements 2j, 2j + 1 in byte j.
+With float activations (accuracy_level 0) Q8_0 matrices stay float MatMuls: their float32 weights
+are exactly the grid's values, and ORT's CPU MatMulNBits has no float-compute 8-bit kernel (it
+dequantises on every call: ~60x slower than int8 compute, measured).
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ def apply_grid(model: onnx.ModelProto, grid: dict[str, GridTensor], accuracy_lev
             tensor = by_digest.get(_digest(array)) if array.dtype == np.float32 else None
         if tensor is None:
             rewritten.append(node)
+            continue
+        if tensor.bits == 8 and accuracy_level == 0:  # ORT has no float-compute 8-bit kernel on CPU
+            rewritten.append(node)  # (3 ms for a 1536 x 576 matmul): the float weight is the grid too
+            added.append(node.name)
+            counts["Q8_0 as float"] = counts.get("Q8_0 as float", 0) + 1
             continue
         nodes, new_initializers = grid_nodes(node, tensor, accuracy_level)
         rewritten += nodes

@@ -22,13 +22,15 @@ QUIET = dict(log=lambda message: None)
 PROMPT = [5, 17, 64, 33, 2, 9, 11, 40]
 
 
+def converted(kind: str, root: Path) -> Path:
+    """A converted tiny llama GGUF whose matrices are all of `kind`."""
+    path = write_gguf(tiny_hf_model("llama"), root / "tiny.gguf", getattr(gguf.GGMLQuantizationType, kind))
+    return convert_gguf(path, root / "model", progress=False)
+
+
 @pytest.fixture(scope="module", params=["Q4_0", "Q4_1", "Q8_0"])
 def gguf_folder(request, tmp_path_factory):
-    """(kind, a converted tiny llama GGUF whose matrices are all of that kind)."""
-    root = tmp_path_factory.mktemp(f"grid-{request.param}")
-    kind = getattr(gguf.GGMLQuantizationType, request.param)
-    path = write_gguf(tiny_hf_model("llama"), root / "tiny.gguf", kind)
-    return request.param, convert_gguf(path, root / "model", progress=False)
+    return request.param, converted(request.param, tmp_path_factory.mktemp(f"grid-{request.param}"))
 
 
 def logits_of(artifact: Path) -> np.ndarray:
@@ -58,8 +60,21 @@ def test_quantised_on_the_grid_computes_the_gguf_model(gguf_folder, tmp_path):
     on_grid, off_grid = (compile_model(folder, tmp_path / name, CompileOptions(max_seq_len=32, quantize=q),
                                        **QUIET) for name, q in options.items())  # fmt: skip
     entry = skiptree.load(on_grid).manifest["graphs"]["step"]["quantization"]
-    assert entry["gguf_grid"] == {kind: 2 * 7 + 1} and entry["quantized_matmuls"] == 2 * 7 + 1
-    assert "the GGUF grid kept for 15 " + kind in skiptree.load(on_grid).precision
+    if kind == "Q8_0":  # float activations: ORT's 8-bit kernels compute in int8 only; the floats are the grid
+        assert entry["gguf_grid"] == {"Q8_0 as float": 15} and entry["quantized_matmuls"] == 0
+    else:
+        assert entry["gguf_grid"] == {kind: 2 * 7 + 1} and entry["quantized_matmuls"] == 2 * 7 + 1
+        assert "the GGUF grid kept for 15 " + kind in skiptree.load(on_grid).precision
     scale = np.abs(reference).max()
     assert np.abs(logits_of(on_grid) - reference).max() < 1e-5 * scale
     assert np.abs(logits_of(off_grid) - reference).max() > 1e-3 * scale
+
+
+def test_q8_0_runs_as_8_bit_codes_with_int8_activations(tmp_path):
+    folder = converted("Q8_0", tmp_path)
+    plain = logits_of(compile_model(folder, tmp_path / "float", CompileOptions(max_seq_len=32), **QUIET))
+    options = CompileOptions(max_seq_len=32, quantize="int8")
+    artifact = compile_model(folder, tmp_path / "int8", options, **QUIET)
+    entry = skiptree.load(artifact).manifest["graphs"]["step"]["quantization"]
+    assert entry["gguf_grid"] == {"Q8_0": 15} and entry["quantized_matmuls"] == 15
+    assert np.abs(logits_of(artifact) - plain).max() < 0.05 * np.abs(plain).max()  # int8 activations only
