@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skiptree.errors import SkiptreeError
+from skiptree.runtime.merged_draft import TABLE_SOURCES
 
 BACKENDS = ("onnxruntime", "tvm")
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 DEFAULT_MAX_SEQ_LEN = 2048  # attention runs over all S slots: a smaller S is a faster step
 
 
-TABLE_SOURCES = ("prompt-lookup", "recycle", "corpus")  # drafters with no weights and no graph
 SOURCE_ALIASES = {"lookup": "prompt-lookup"}
 
 
@@ -26,7 +26,7 @@ def table_sources(draft: str | None) -> list[str] | None:
     if draft is None:
         return None
     parts = [SOURCE_ALIASES.get(part, part) for part in draft.split("+")]
-    known = [part in TABLE_SOURCES[:2] or part.startswith("corpus:") for part in parts]
+    known = [part.startswith("corpus:") or part in TABLE_SOURCES and part != "corpus" for part in parts]
     if not any(known):
         return None
     if not all(known):

@@ -126,6 +126,7 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from skiptree.compiler.quantize_grid import apply_grid
+    from skiptree.models.gguf_grid import BLOCK
 
     path = Path(path)
     data = path.with_name(path.name + ".data")
@@ -134,7 +135,7 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     folded = fold_transposed_weights(model) if spec.head else 0
     kept = [] if spec.head else head_matmuls(model, vocab_size)
     on_grid, added = {}, []
-    if grid and spec.block_size == 32:
+    if grid and spec.block_size == BLOCK:  # ggml's block: only then is the grid the requested one
         on_grid, added = apply_grid(model, grid, spec.accuracy_level, skip=set(kept))
     logger = logging.getLogger("onnxruntime.quantization")
     level, logger.level = logger.level, logging.WARNING  # one INFO line per node otherwise

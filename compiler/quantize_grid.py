@@ -14,7 +14,7 @@ slow dequantise-every-call path; the separate minimum term is exact and costs on
 ggml packs element i and i + 16 into byte i; MatMulNBits wants elements 2j, 2j + 1 in byte j.
 With float activations (accuracy_level 0) Q8_0 matrices stay float MatMuls: their float32 weights
 are exactly the grid's values, and ORT's CPU MatMulNBits has no float-compute 8-bit kernel (it
-dequantises on every call: ~60x slower than int8 compute, measured).
+dequantises on every call: 2.6-3.0 ms against 38-40 us with int8 compute for a 1536 x 576 matmul).
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def apply_grid(model: onnx.ModelProto, grid: dict[str, GridTensor], accuracy_lev
         if tensor is None:
             rewritten.append(node)
             continue
-        if tensor.bits == 8 and accuracy_level == 0:  # ORT has no float-compute 8-bit kernel on CPU
-            rewritten.append(node)  # (3 ms for a 1536 x 576 matmul): the float weight is the grid too
+        if tensor.bits == 8 and accuracy_level == 0:  # no float-compute 8-bit kernel (see the module doc):
+            rewritten.append(node)  # the float weight holds the grid's values exactly
             added.append(node.name)
             counts["Q8_0 as float"] = counts.get("Q8_0 as float", 0) + 1
             continue

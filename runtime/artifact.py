@@ -17,7 +17,7 @@ from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
 from skiptree.runtime.manifest import read_manifest
-from skiptree.runtime.merged_draft import MergedDrafter
+from skiptree.runtime.merged_draft import TABLE_SOURCES, MergedDrafter
 from skiptree.runtime.onnx_step import (
     GraphStepModel,
     KVCache,
@@ -32,8 +32,6 @@ from skiptree.runtime.self_draft import SelfDrafter, SplitStepModel
 from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import TreeShape
-
-TABLE_SOURCES = ("prompt-lookup", "recycle", "corpus")  # as compiler/options.py names them
 
 
 class Runtime(TextGenerator):

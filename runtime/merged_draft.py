@@ -19,6 +19,8 @@ from skiptree.runtime.drafters import CandidateSource, Draft, fill_tree
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import TreeShape
 
+TABLE_SOURCES = ("prompt-lookup", "recycle", "corpus")  # free drafters: no weights, no graph
+
 
 class MergedDrafter:
     """Prompt lookup, recycling and corpus lookup (any of them) proposing one tree together."""

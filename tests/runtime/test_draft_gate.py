@@ -51,9 +51,9 @@ def test_long_matches_earn_their_own_acceptance():
     assert acceptance.rate("corpus", 0, 9) == pytest.approx(7 / 8)
     assert acceptance.rate("corpus", 0, 2) == pytest.approx(1 / 8)
     assert acceptance.rate("corpus", 0) == pytest.approx(7 / 14)  # over all classes: ranks the sources
-    draft = draft_of([4, 5], [-1, -1], "corpus", [2, 10])
-    kept = gate_draft(draft, acceptance, VerifyCost((1, 2), (1.3, 1.6)))
-    assert kept.tokens == [5] and kept.evidence == [10]  # only the long match pays
+    cost = VerifyCost((1,), (1.3,))  # one node pays when p > 0.3
+    assert gate_draft(draft_of([5], [-1], "corpus", [10]), acceptance, cost).evidence == [10]  # 7/8
+    assert gate_draft(draft_of([4], [-1], "corpus", [2]), acceptance, cost).tokens == []  # 1/8
 
 
 def test_the_gate_keeps_the_subtree_that_pays():
