@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from skiptree.compiler.ir import ModelIR, StepGraph
+from skiptree.compiler.onnx_contrib import TRANSLATIONS
 from skiptree.compiler.quantize import quantize_onnx_file
 
 
@@ -42,6 +43,7 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
             input_names=[spec.name for spec in step.inputs],
             output_names=[spec.name for spec in step.outputs],
             dynamo=True,
+            custom_translation_table=TRANSLATIONS,  # fused ops -> ORT contrib ops
             optimize=True,
             verbose=False,
         )

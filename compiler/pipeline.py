@@ -36,7 +36,9 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
         structure.append(InsertEarlyExit(parse_early_exit(options.early_exit), draft_vocab))
     # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.
     first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
-    verification: list[Pass] = [InsertTreeVerify(options.max_tree, first_layer)] if options.draft else []
+    fused = options.backend == "onnxruntime"  # ORT's GroupQueryAttention; TVM keeps the decomposed ops
+    verify = InsertTreeVerify(options.max_tree, first_layer, fused)
+    verification: list[Pass] = [verify] if options.draft else []
     cleanup: list[Pass] = [EliminateDeadCode()]
     roles = (("target", options.quantize), ("draft", options.draft_quantize))
     precision: list[Pass] = [QuantizeWeights.of(parse_quantize(text), role) for role, text in roles if text]

@@ -92,6 +92,19 @@ class CausalLM(nn.Module):
         propagation computes the K/V of skipped layers this way from an exit's hidden state)."""
         return self.layers[index].kv(x, context)
 
+    # Fused attention (ONNX Runtime lowering, `skiptree.models.fused_attention`): a family that
+    # supports it runs a layer through one `group_query_attention` op and returns its caches.
+
+    def supports_fused_attention(self) -> bool:
+        """Whether `run_layer_fused` exists for this model (family, dtype and head size allow it)."""
+        return False
+
+    def run_layer_fused(self, index: int, x: torch.Tensor, attention: tuple, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """Layer `index` with fused attention; `attention` = the op's (seqlens_k, total_sequence_length,
+        cos_cache, sin_cache, position_ids, attention_bias). Returns x and the layer's new K and V caches."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused attention")
+
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output head: hidden states [B, T, H] -> logits [B, T, V]."""
         return self.head(self.norm(x))

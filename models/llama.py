@@ -13,6 +13,7 @@ from torch import nn
 
 from skiptree.models.base import CausalLM, WeightSpec, attend
 from skiptree.models.config import ModelConfig, RopeConfig
+from skiptree.models.fused_attention import group_query_attention
 
 
 class RMSNorm(nn.Module):
@@ -142,6 +143,20 @@ class Llama(CausalLM):
 
     def layer_context(self, positions, dtype):
         return self.rotary(positions, dtype)
+
+    def supports_fused_attention(self) -> bool:
+        # ORT's GroupQueryAttention: float32 here (the CPU kernel has float/float16), head size a
+        # multiple of 16, rotary over the whole head (every Llama-family config we load).
+        return self.embed.weight.dtype == torch.float32 and self.config.head_dim % 16 == 0
+
+    def run_layer_fused(self, index, x, attention, k_cache, v_cache):
+        layer = self.layers[index]
+        attn, normed = layer.attn, layer.attn_norm(x)
+        query, key, value = attn.q(normed), attn.k(normed), attn.v(normed)
+        out, k_cache, v_cache = group_query_attention(query, key, value, k_cache, v_cache, *attention,
+                                                      attn.num_heads, attn.num_kv_heads)  # fmt: skip
+        x = x + attn.o(out)
+        return x + layer.mlp(layer.mlp_norm(x)), k_cache, v_cache
 
     def hf_weights(self) -> dict[str, WeightSpec]:
         names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}

@@ -31,6 +31,7 @@ from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.pass_manager import Pass, PassResult
 from skiptree.compiler.trace import example_caches, export_with_caches
 from skiptree.models.base import CausalLM, mask_value
+from skiptree.models.fused_attention import rotary_tables
 
 
 def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
@@ -53,9 +54,11 @@ class TreeVerifyModule(nn.Module):
     tokens and cached their K/V): verification does not compute those layers again (LayerSkip).
     """
 
-    def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int, first_layer: int = 0):
+    def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int, first_layer: int = 0,
+                 fused_attention: bool = False):  # fmt: skip
         super().__init__()
         self.model = model
+        self.fused_attention = fused_attention
         self.max_seq_len = max_seq_len
         self.squarings = max(1, math.ceil(math.log2(max_tree)))
         self.layers = list(range(first_layer, model.config.num_layers))
@@ -78,10 +81,27 @@ class TreeVerifyModule(nn.Module):
             x, context = self.model.embed_step(tokens, positions)
         else:
             x, context = tokens, self.model.layer_context(positions, dtype)
-        for j, layer in enumerate(self.layers):
-            x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
+        if self.fused_attention:
+            x, caches = self.fused_layers(x, positions, prefix_len, bias, caches)
+        else:
+            for j, layer in enumerate(self.layers):
+                x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
         logits = self.model.finish(x)
         return (logits.argmax(-1)[0], logits, x, *caches)
+
+    def fused_layers(self, x, positions, prefix_len, bias, caches):
+        """The layers through `group_query_attention` (ONNX Runtime): it appends at slots prefix_len + i
+        (the write slots above) and rotates by `positions` itself; returns x and the new caches."""
+        total = prefix_len + x.shape[1]
+        cos, sin = rotary_tables(self.model.inv_freq, self.max_seq_len)
+        lengths = ((total - 1).to(torch.int32), total.to(torch.int32).reshape(()))
+        attention = (*lengths, cos, sin, positions, bias)
+        count, keys, values = len(self.layers), [], []
+        for j, layer in enumerate(self.layers):
+            x, key, value = self.model.run_layer_fused(layer, x, attention, caches[j], caches[j + count])
+            keys.append(key)
+            values.append(value)
+        return x, (*keys, *values)
 
 
 class CompactModule(nn.Module):
@@ -104,11 +124,14 @@ class InsertTreeVerify(Pass):
     Requires: the IR of a model (any family). Guarantees: the "step" graph is untouched; "verify"
     and "compact" share its cache layout, so one set of cache buffers serves all three.
     With `first_layer` E > 0 (a prefix-exit self-draft), "verify" takes `hidden` instead of `tokens`
-    and has caches for layers E..L-1 only (see `TreeVerifyModule`).
+    and has caches for layers E..L-1 only (see `TreeVerifyModule`). With `fused_attention`, a model
+    that supports it attends through `skiptree.models.fused_attention` (ONNX Runtime lowering only:
+    TVM has no such op), same inputs, outputs and cache slots.
     """
 
     max_tree: int = 64
     first_layer: int = 0
+    fused_attention: bool = False  # ONNX Runtime: one GroupQueryAttention per layer where the model allows
     name = "InsertTreeVerify"
 
     def run(self, ir: ModelIR) -> PassResult:
@@ -127,7 +150,8 @@ class InsertTreeVerify(Pass):
         outputs = [TensorSpec("next_ids", "int64", ("T",)),
                    TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
                    TensorSpec("features", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
-        verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer)
+        fused = self.fused_attention and model.supports_fused_attention()
+        verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused)
         ir.graphs["verify"] = export_with_caches("verify", verify, example, caches, outputs, max_tree, layers)
         caches = example_caches(model, max_len)  # compaction moves every layer's K/V
         moves = [("from_slots", torch.tensor([3, 4, 5]), {0: "T"}),

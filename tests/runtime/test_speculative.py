@@ -126,3 +126,46 @@ def test_draft_model_drafts_a_new_prompt_from_its_own_prefix(pair_artifact):
     drafter.cached, drafter.model.cache.length = [], 0  # as freshly loaded
     fresh = drafter.propose(second, decoder.shape, sampling, None)
     assert after_other.tokens == fresh.tokens
+
+
+@pytest.fixture(scope="module")
+def fused_artifact(tmp_path_factory):
+    """A float32 tiny target with head size 16, so its verify graph attends through ORT's
+    GroupQueryAttention; with transformers' own model of the same weights."""
+    root = tmp_path_factory.mktemp("fused")
+    config = transformers.LlamaConfig(**dict(TINY_LLAMA, hidden_size=64))
+    reference = write_tiny_model(root / "target", config)
+    write_word_tokenizer(root / "target")
+    art = skiptree.compile(root / "target", root / "artifact", max_seq_len=64, draft="prompt-lookup",
+                           tree="k-ary:2x2", max_tree=40)  # fmt: skip
+    return skiptree.load(art), skiptree.load(art, speculative=False), reference, art
+
+
+def test_fused_artifact_attends_through_group_query_attention(fused_artifact):
+    import onnx
+
+    *_, art = fused_artifact
+    graph = onnx.load(str(art / "verify.onnx"), load_external_data=False).graph
+    fused = sum(node.op_type == "GroupQueryAttention" for node in graph.node)
+    assert fused == TINY_LLAMA["num_hidden_layers"]
+
+
+@SETTINGS
+@given(shape=trees(), prompt=prompts(), new=st.integers(1, 20))
+def test_fused_prompt_lookup_greedy_equals_autoregressive(fused_artifact, shape, prompt, new):
+    speculative, plain, _, _ = fused_artifact
+    expected = plain.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids
+    got = with_shape(speculative, shape, PromptLookupDrafter()).generate(prompt, new).token_ids
+    assert got == expected
+
+
+@pytest.mark.parametrize("prompt", [[5, 9, 13], [3, 4, 5] * 4, [60, 2, 77, 41, 8]])
+def test_fused_autoregressive_equals_transformers_greedy(fused_artifact, prompt):
+    import torch
+
+    _, plain, reference, _ = fused_artifact
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)  # fmt: skip
+    expected = expected[0, len(prompt) :].tolist()
+    assert plain.generate(prompt, max_new_tokens=24, eos_token_id=[]).token_ids == expected
