@@ -18,7 +18,11 @@ import onnx
 import torch
 
 from skiptree.compiler.ir import ModelIR, StepGraph
-from skiptree.compiler.onnx_contrib import TRANSLATIONS
+from skiptree.compiler.onnx_contrib import (
+    TRANSLATIONS,
+    drop_unused_contrib_outputs,
+    pack_attention_projections,
+)
 from skiptree.compiler.quantize import quantize_onnx_file
 
 
@@ -48,9 +52,18 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
             verbose=False,
         )
         program.save(str(path), external_data=True)
-    graph = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
-    _rename_dynamic_dims(graph, step)
-    onnx.save(graph, str(path))
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
+    _rename_dynamic_dims(model, step)
+    drop_unused_contrib_outputs(model)
+    if not any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
+        onnx.save(model, str(path))
+        return path
+    data = path.with_name(path.name + ".data")  # packing q/k/v writes new weights: load them
+    onnx.load_external_data_for_model(model, str(path.parent))
+    pack_attention_projections(model)
+    data.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)  # fmt: skip
     return path
 
 

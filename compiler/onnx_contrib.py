@@ -1,4 +1,5 @@
-"""ONNX translations of skiptree's fused ops into ONNX Runtime contrib operators (com.microsoft).
+"""ONNX translations of skiptree's fused ops (`skiptree.models.fused_ops`) into ONNX Runtime contrib
+operators (com.microsoft): GroupQueryAttention and SkipSimplifiedLayerNormalization.
 
 The dynamo exporter builds nodes through onnxscript, which wants an operator schema; onnx ships
 none for ORT's contrib domain, so the one we emit is registered here (inputs, outputs, attributes
@@ -8,13 +9,15 @@ as ORT 1.32 documents them: https://onnxruntime.ai/docs/api/contrib-ops). `TRANS
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
-import skiptree.models.fused_attention  # noqa: F401  (registers torch.ops.skiptree.group_query_attention)
+import skiptree.models.fused_ops  # noqa: F401  (registers the torch.ops.skiptree fused ops)
 
 CONTRIB_DOMAIN = "com.microsoft"
 GROUP_QUERY_INPUTS = (
@@ -42,7 +45,24 @@ def _register_group_query_attention() -> None:
     onnx.defs.register_schema(schema)
 
 
+def _register_skip_simplified_layer_normalization() -> None:
+    if onnx.defs.has("SkipSimplifiedLayerNormalization", CONTRIB_DOMAIN):
+        return
+    optional = OpSchema.FormalParameterOption.Optional
+    outputs = ("output", "mean", "inv_std_var", "input_skip_bias_sum")
+    schema = OpSchema(
+        "SkipSimplifiedLayerNormalization", CONTRIB_DOMAIN, 1,
+        inputs=[OpSchema.FormalParameter(name, "T", param_option=optional)
+                for name in ("input", "skip", "gamma", "bias")],
+        outputs=[OpSchema.FormalParameter(name, "T", param_option=optional) for name in outputs],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations")],
+        attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "")],
+    )  # fmt: skip
+    onnx.defs.register_schema(schema)
+
+
 _register_group_query_attention()
+_register_skip_simplified_layer_normalization()
 contrib = Opset(CONTRIB_DOMAIN, 1)
 
 
@@ -59,4 +79,81 @@ def group_query_attention(query, key, value, past_key, past_value, seqlens_k, to
     )  # fmt: skip
 
 
-TRANSLATIONS = {torch.ops.skiptree.group_query_attention.default: group_query_attention}
+def skip_rms_norm(x, skip, weight, eps: float):
+    """One SkipSimplifiedLayerNormalization: (normed, x + skip). Its mean and inverse-deviation
+    outputs are unused (`drop_unused_contrib_outputs` unnames them after export)."""
+    normed, _, _, total = contrib.SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps, _outputs=4)
+    return normed, total
+
+
+def drop_unused_contrib_outputs(model: onnx.ModelProto) -> None:
+    """Unname the optional outputs of contrib nodes that nothing reads, so ORT skips computing them."""
+    used = {name for node in model.graph.node for name in node.input} | {v.name for v in model.graph.output}
+    for node in model.graph.node:
+        if node.domain == CONTRIB_DOMAIN and node.op_type == "SkipSimplifiedLayerNormalization":
+            for index in (1, 2):
+                if index < len(node.output) and node.output[index] not in used:
+                    node.output[index] = ""
+
+
+TRANSLATIONS = {torch.ops.skiptree.group_query_attention.default: group_query_attention,
+                torch.ops.skiptree.skip_rms_norm.default: skip_rms_norm}  # fmt: skip
+
+
+def _projection(name: str, producers: dict, initializers: dict) -> tuple | None:
+    """(MatMul node, bias Add node or None) computing `name` = x @ W (+ b) with constant W and b."""
+    node, add = producers.get(name), None
+    if node is not None and node.op_type == "Add":
+        constant = [i for i in node.input if i in initializers]
+        other = [i for i in node.input if i not in initializers]
+        if len(constant) != 1 or len(other) != 1:
+            return None
+        add, node = node, producers.get(other[0])
+    if node is None or node.op_type != "MatMul" or node.input[1] not in initializers:
+        return None
+    return node, add
+
+
+def pack_attention_projections(model: onnx.ModelProto) -> int:
+    """GroupQueryAttention(x @ Wq (+ bq), x @ Wk (+ bk), x @ Wv (+ bv)) -> GroupQueryAttention(
+    x @ [Wq Wk Wv] (+ [bq bk bv]), -, -): ORT's packed-QKV form, one matmul instead of three (before
+    quantisation, which then sees one constant weight). Returns how many nodes were packed."""
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    packed, removed = 0, set()
+    for attention in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.input[1]]:
+        parts = [_projection(name, producers, initializers) for name in attention.input[:3]]
+        if any(part is None for part in parts) or len({matmul.input[0] for matmul, _ in parts}) != 1:
+            continue
+        shared = any(readers[name] != 1 for name in attention.input[:3])
+        if shared or len({add is None for _, add in parts}) != 1:
+            continue
+        prefix = f"{attention.name}_qkv"
+        weights = [numpy_helper.to_array(initializers[matmul.input[1]]) for matmul, _ in parts]
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{prefix}_weight"))
+        new_nodes = [helper.make_node("MatMul", [parts[0][0].input[0], f"{prefix}_weight"], [f"{prefix}_out"],
+                                      name=f"{prefix}_matmul")]  # fmt: skip
+        if parts[0][1] is not None:
+            biases = [numpy_helper.to_array(initializers[next(i for i in add.input if i in initializers)])
+                      for _, add in parts]  # fmt: skip
+            graph.initializer.append(numpy_helper.from_array(np.concatenate(biases), f"{prefix}_bias"))
+            new_nodes.append(helper.make_node("Add", [f"{prefix}_out", f"{prefix}_bias"], [f"{prefix}_sum"]))
+        position = list(graph.node).index(attention)
+        for offset, node in enumerate(new_nodes):
+            graph.node.insert(position + offset, node)
+        attention.input[0], attention.input[1], attention.input[2] = new_nodes[-1].output[0], "", ""
+        removed |= {id(node) for part in parts for node in part if node is not None}
+        packed += 1
+    if removed:
+        keep = [node for node in graph.node if id(node) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+        read = {name for node in graph.node for name in node.input}
+        for init in [i for i in graph.initializer if i.name not in read]:
+            graph.initializer.remove(init)
+    return packed

@@ -15,6 +15,8 @@ ggml packs element i and i + 16 into byte i; MatMulNBits wants elements 2j, 2j +
 With float activations (accuracy_level 0) Q8_0 matrices stay float MatMuls: their float32 weights
 are exactly the grid's values, and ORT's CPU MatMulNBits has no float-compute 8-bit kernel (it
 dequantises on every call: 2.6-3.0 ms against 38-40 us with int8 compute for a 1536 x 576 matmul).
+A fused graph's packed q|k|v matmul (`skiptree.compiler.onnx_contrib`) is matched against the row
+concatenation of the three grid tensors of one kind (`packed_siblings`), so it stays on the grid.
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ from onnx import helper, numpy_helper
 from skiptree.models.gguf_grid import BLOCK, GridTensor
 
 SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+PACKED = (("q_proj", "k_proj", "v_proj"),)  # projections a fused graph packs into one matmul (onnx_contrib)
+
+
+def packed_siblings(grid: dict[str, GridTensor]) -> list[GridTensor]:
+    """The row concatenations of sibling projections (q | k | v of a layer) of one kind: a packed
+    matmul's weight is exactly their dequantisation, so it keeps the grid too."""
+    packed = []
+    for name in grid:
+        for group in PACKED:
+            if group[0] not in name:
+                continue
+            parts = [grid.get(name.replace(group[0], member)) for member in group]
+            if all(parts) and len({(part.kind, part.blocks.shape[1]) for part in parts}) == 1:
+                packed.append(GridTensor(parts[0].kind, np.concatenate([part.blocks for part in parts])))
+    return packed
 
 
 def _digest(weight: np.ndarray) -> bytes:
@@ -83,7 +102,8 @@ def apply_grid(model: onnx.ModelProto, grid: dict[str, GridTensor], accuracy_lev
                skip: set[str] = frozenset()) -> tuple[dict[str, int], list[str]]:  # fmt: skip
     """Rewrite every MatMul over a grid weight (except nodes named in `skip`). Returns the count per
     kind and the names of the float MatMuls added (the generic quantiser must leave them alone)."""
-    by_digest = {_digest(tensor.dequantized().T): tensor for tensor in grid.values()}
+    candidates = [*grid.values(), *packed_siblings(grid)]
+    by_digest = {_digest(tensor.dequantized().T): tensor for tensor in candidates}
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     counts: dict[str, int] = {}

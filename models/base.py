@@ -92,17 +92,24 @@ class CausalLM(nn.Module):
         propagation computes the K/V of skipped layers this way from an exit's hidden state)."""
         return self.layers[index].kv(x, context)
 
-    # Fused attention (ONNX Runtime lowering, `skiptree.models.fused_attention`): a family that
-    # supports it runs a layer through one `group_query_attention` op and returns its caches.
+    # Fused ops (ONNX Runtime lowering, `skiptree.models.fused_ops`): a family that supports them
+    # runs a layer through one `group_query_attention` op (returning its caches) and adds each
+    # sublayer's output to the residual stream inside the next norm (`skip_rms_norm`), so a fused
+    # layer takes and returns the stream as (x, pending): the true stream is x + pending.
 
     def supports_fused_attention(self) -> bool:
         """Whether `run_layer_fused` exists for this model (family, dtype and head size allow it)."""
         return False
 
-    def run_layer_fused(self, index: int, x: torch.Tensor, attention: tuple, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        """Layer `index` with fused attention; `attention` = the op's (seqlens_k, total_sequence_length,
-        cos_cache, sin_cache, position_ids, attention_bias). Returns x and the layer's new K and V caches."""
+    def run_layer_fused(self, index: int, x: torch.Tensor, pending: torch.Tensor | None, attention: tuple,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple:  # fmt: skip
+        """Layer `index` with fused ops on the stream x + pending (None: nothing pending);
+        `attention` = the attention op's (seqlens_k, total_sequence_length, cos_cache, sin_cache,
+        position_ids, attention_bias). Returns (x, pending, new K cache, new V cache)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused attention")
+
+    def finish_fused(self, x: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`finish` of the stream x + pending: (logits, the stream itself)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused attention")
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:

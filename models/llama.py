@@ -13,7 +13,7 @@ from torch import nn
 
 from skiptree.models.base import CausalLM, WeightSpec, attend
 from skiptree.models.config import ModelConfig, RopeConfig
-from skiptree.models.fused_attention import group_query_attention
+from skiptree.models.fused_ops import group_query_attention, skip_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -149,14 +149,22 @@ class Llama(CausalLM):
         # multiple of 16, rotary over the whole head (every Llama-family config we load).
         return self.embed.weight.dtype == torch.float32 and self.config.head_dim % 16 == 0
 
-    def run_layer_fused(self, index, x, attention, k_cache, v_cache):
+    def run_layer_fused(self, index, x, pending, attention, k_cache, v_cache):
         layer = self.layers[index]
-        attn, normed = layer.attn, layer.attn_norm(x)
+        attn = layer.attn
+        if pending is None:
+            normed = layer.attn_norm(x)
+        else:
+            normed, x = skip_rms_norm(x, pending, layer.attn_norm.weight, layer.attn_norm.eps)
         query, key, value = attn.q(normed), attn.k(normed), attn.v(normed)
         out, k_cache, v_cache = group_query_attention(query, key, value, k_cache, v_cache, *attention,
                                                       attn.num_heads, attn.num_kv_heads)  # fmt: skip
-        x = x + attn.o(out)
-        return x + layer.mlp(layer.mlp_norm(x)), k_cache, v_cache
+        normed, x = skip_rms_norm(x, attn.o(out), layer.mlp_norm.weight, layer.mlp_norm.eps)
+        return x, layer.mlp(normed), k_cache, v_cache
+
+    def finish_fused(self, x, pending):
+        normed, x = skip_rms_norm(x, pending, self.norm.weight, self.norm.eps)
+        return self.head(normed), x
 
     def hf_weights(self) -> dict[str, WeightSpec]:
         names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}

@@ -31,7 +31,7 @@ from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.pass_manager import Pass, PassResult
 from skiptree.compiler.trace import example_caches, export_with_caches
 from skiptree.models.base import CausalLM, mask_value
-from skiptree.models.fused_attention import rotary_tables
+from skiptree.models.fused_ops import rotary_tables
 
 
 def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
@@ -82,26 +82,29 @@ class TreeVerifyModule(nn.Module):
         else:
             x, context = tokens, self.model.layer_context(positions, dtype)
         if self.fused_attention:
-            x, caches = self.fused_layers(x, positions, prefix_len, bias, caches)
+            logits, x, caches = self.fused_layers(x, positions, prefix_len, bias, caches)
         else:
             for j, layer in enumerate(self.layers):
                 x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
-        logits = self.model.finish(x)
+            logits = self.model.finish(x)
         return (logits.argmax(-1)[0], logits, x, *caches)
 
     def fused_layers(self, x, positions, prefix_len, bias, caches):
-        """The layers through `group_query_attention` (ONNX Runtime): it appends at slots prefix_len + i
-        (the write slots above) and rotates by `positions` itself; returns x and the new caches."""
+        """The layers and the head through the model's fused ops (ONNX Runtime): attention appends at
+        slots prefix_len + i (the write slots above) and rotates by `positions` itself. Returns the
+        logits, the last layer's output and the new caches."""
         total = prefix_len + x.shape[1]
         cos, sin = rotary_tables(self.model.inv_freq, self.max_seq_len)
         lengths = ((total - 1).to(torch.int32), total.to(torch.int32).reshape(()))
         attention = (*lengths, cos, sin, positions, bias)
-        count, keys, values = len(self.layers), [], []
+        count, keys, values, pending = len(self.layers), [], [], None
         for j, layer in enumerate(self.layers):
-            x, key, value = self.model.run_layer_fused(layer, x, attention, caches[j], caches[j + count])
+            x, pending, key, value = self.model.run_layer_fused(layer, x, pending, attention, caches[j],
+                                                                caches[j + count])  # fmt: skip
             keys.append(key)
             values.append(value)
-        return x, (*keys, *values)
+        logits, x = self.model.finish_fused(x, pending)
+        return logits, x, (*keys, *values)
 
 
 class CompactModule(nn.Module):
@@ -125,7 +128,7 @@ class InsertTreeVerify(Pass):
     and "compact" share its cache layout, so one set of cache buffers serves all three.
     With `first_layer` E > 0 (a prefix-exit self-draft), "verify" takes `hidden` instead of `tokens`
     and has caches for layers E..L-1 only (see `TreeVerifyModule`). With `fused_attention`, a model
-    that supports it attends through `skiptree.models.fused_attention` (ONNX Runtime lowering only:
+    that supports it attends through `skiptree.models.fused_ops` (ONNX Runtime lowering only:
     TVM has no such op), same inputs, outputs and cache slots.
     """
 

@@ -78,3 +78,18 @@ def test_q8_0_runs_as_8_bit_codes_with_int8_activations(tmp_path):
     entry = skiptree.load(artifact).manifest["graphs"]["step"]["quantization"]
     assert entry["gguf_grid"] == {"Q8_0": 15} and entry["quantized_matmuls"] == 15
     assert np.abs(logits_of(artifact) - plain).max() < 0.05 * np.abs(plain).max()  # int8 activations only
+
+
+def test_packed_attention_projections_stay_on_the_grid(tmp_path):
+    """A fused verify graph packs q|k|v into one matmul; its weight is the row concatenation of
+    three grid tensors, so it is lowered on the grid too, and speculation stays lossless."""
+    folder = converted("Q4_1", tmp_path)
+    options = CompileOptions(max_seq_len=48, quantize="int4:accuracy=0", draft="prompt-lookup",
+                             tree="chain:3")  # fmt: skip
+    artifact = compile_model(folder, tmp_path / "int4", options, **QUIET)
+    entry = skiptree.load(artifact).manifest["graphs"]["verify"]["quantization"]
+    assert entry["gguf_grid"] == {"Q4_1": 2 * 5 + 1}  # 7 matrices a layer, q|k|v as one matmul
+    prompt = PROMPT * 3
+    plain = skiptree.load(artifact, speculative=False).generate(prompt, max_new_tokens=16, eos_token_id=[])
+    speculative = skiptree.load(artifact).generate(prompt, max_new_tokens=16, eos_token_id=[])
+    assert speculative.token_ids == plain.token_ids

@@ -128,26 +128,39 @@ def test_draft_model_drafts_a_new_prompt_from_its_own_prefix(pair_artifact):
     assert after_other.tokens == fresh.tokens
 
 
-@pytest.fixture(scope="module")
-def fused_artifact(tmp_path_factory):
-    """A float32 tiny target with head size 16, so its verify graph attends through ORT's
-    GroupQueryAttention; with transformers' own model of the same weights."""
+FUSED_CONFIGS = {
+    "llama": transformers.LlamaConfig(**dict(TINY_LLAMA, hidden_size=64)),
+    "qwen2-bias": transformers.Qwen2Config(**dict(TINY_LLAMA, hidden_size=64)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FUSED_CONFIGS))
+def fused_artifact(request, tmp_path_factory):
+    """A float32 tiny target with head size 16, so its verify graph runs ORT's fused ops; with
+    transformers' own model of the same weights. Qwen2 adds q/k/v biases to the packed projection."""
     root = tmp_path_factory.mktemp("fused")
-    config = transformers.LlamaConfig(**dict(TINY_LLAMA, hidden_size=64))
-    reference = write_tiny_model(root / "target", config)
+    reference = write_tiny_model(root / "target", FUSED_CONFIGS[request.param])
     write_word_tokenizer(root / "target")
     art = skiptree.compile(root / "target", root / "artifact", max_seq_len=64, draft="prompt-lookup",
                            tree="k-ary:2x2", max_tree=40)  # fmt: skip
     return skiptree.load(art), skiptree.load(art, speculative=False), reference, art
 
 
-def test_fused_artifact_attends_through_group_query_attention(fused_artifact):
+def test_fused_artifact_runs_contrib_ops_on_packed_projections(fused_artifact):
     import onnx
 
     *_, art = fused_artifact
     graph = onnx.load(str(art / "verify.onnx"), load_external_data=False).graph
-    fused = sum(node.op_type == "GroupQueryAttention" for node in graph.node)
-    assert fused == TINY_LLAMA["num_hidden_layers"]
+    layers = TINY_LLAMA["num_hidden_layers"]
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(attention) == layers
+    assert all(node.input[1] == node.input[2] == "" for node in attention)  # q|k|v packed: one input
+    norms = [node for node in graph.node if node.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(norms) == 2 * layers  # every norm but the first layer's, which has nothing to add
+    assert all(node.output[1] == node.output[2] == "" for node in norms)  # mean, 1/std not computed
+    weights = {init.name for init in graph.initializer}
+    projections = [node for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    assert len(projections) == 5 * layers + 1  # qkv, o, gate, up, down per layer; the head
 
 
 @SETTINGS

@@ -1,4 +1,6 @@
-"""One fused attention op for ONNX Runtime lowering: rotary, cache append and tree attention.
+"""Fused ops for ONNX Runtime lowering: attention with rotary and cache append, and RMSNorm with
+the residual add. Each has an eager reference here and one ORT contrib node when lowered
+(`skiptree.compiler.onnx_contrib`).
 
 `torch.ops.skiptree.group_query_attention` has the semantics of ONNX Runtime's contrib operator
 `com.microsoft.GroupQueryAttention` (do_rotary=1, past and present sharing one buffer) as skiptree
@@ -68,6 +70,21 @@ def group_query_attention(
 @group_query_attention.register_fake
 def _(query, key, value, past_key, past_value, *rest):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+@torch.library.custom_op("skiptree::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(RMSNorm(x + skip) * weight, x + skip): a residual add and the next norm in one op, ORT's
+    `com.microsoft.SkipSimplifiedLayerNormalization` (float32, as the model's RMSNorm)."""
+    total = x + skip
+    normed = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed, total
+
+
+@skip_rms_norm.register_fake
+def _(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 def rotary_tables(inv_freq: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

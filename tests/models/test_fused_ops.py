@@ -1,18 +1,21 @@
-"""The fused attention op: its eager reference, ONNX Runtime's GroupQueryAttention through our
-translation (tree masks, in-place shared caches), and a fused verify graph against decomposed attention."""
+"""The fused ops: their eager references, ONNX Runtime's GroupQueryAttention and
+SkipSimplifiedLayerNormalization through our translations (tree masks, in-place shared caches), and
+a fused verify graph against the decomposed one."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 import transformers
 from conftest import TINY_LLAMA, write_tiny_model
 
-from skiptree.compiler.onnx_contrib import TRANSLATIONS
+from skiptree.compiler.onnx_contrib import TRANSLATIONS, drop_unused_contrib_outputs
 from skiptree.compiler.trace import trace_model
-from skiptree.models.fused_attention import group_query_attention, rotary_tables
+from skiptree.models.fused_ops import group_query_attention, rotary_tables, skip_rms_norm
+from skiptree.models.llama import RMSNorm
 from skiptree.models.loader import load_model
 from skiptree.passes.insert_tree_verify import InsertTreeVerify, tree_ancestors
 
@@ -149,3 +152,37 @@ def test_a_model_that_cannot_fuse_keeps_decomposed_attention(tmp_path):
     assert not model.supports_fused_attention()
     ir = InsertTreeVerify(max_tree=8, fused_attention=True).run(trace_model(model, 32)).ir
     assert not any("group_query_attention" in str(n.target) for n in ir.graphs["verify"].graph.nodes)
+
+
+class OneSkipNorm(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x, skip):
+        return skip_rms_norm(x, skip, self.weight, 1e-5)
+
+
+def test_skip_rms_norm_is_the_residual_add_then_rms_norm(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    x, skip = (torch.randn(1, 5, 64, generator=generator) for _ in range(2))
+    weight = torch.randn(64, generator=generator)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = weight.clone()
+    normed, total = skip_rms_norm(x, skip, weight, 1e-5)
+    torch.testing.assert_close(total, x + skip)
+    torch.testing.assert_close(normed, norm(x + skip))
+    tokens = torch.export.Dim("T", min=1, max=16)
+    program = torch.export.export(OneSkipNorm(weight), (x, skip), dynamic_shapes=({1: tokens}, {1: tokens}))
+    path = tmp_path / "norm.onnx"
+    onnx_program = torch.onnx.export(program, input_names=["x", "skip"], output_names=["normed", "total"],
+                                     dynamo=True, custom_translation_table=TRANSLATIONS)  # fmt: skip
+    onnx_program.save(str(path))
+    model = onnx.load(str(path))
+    drop_unused_contrib_outputs(model)
+    [node] = [n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert list(node.output)[1:3] == ["", ""]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got_normed, got_total = session.run(None, {"x": x.numpy(), "skip": skip.numpy()})
+    np.testing.assert_allclose(got_normed, normed.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got_total, total.numpy(), atol=1e-6)
