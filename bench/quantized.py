@@ -1,16 +1,17 @@
 """Weight-only quantisation, side by side in one run: skiptree fp32 / int8 / int4, plain and
 speculative, against onnxruntime-genai fp32 / int4, on SmolLM2-135M, pinned threads.
 
-Every skiptree artifact is a speculative one (prompt lookup, tree --tree); its plain decoding is the
-same artifact loaded with `speculative=False`. Engines run interleaved (bench/decode_speed.py's
-`measure`), median decode tokens/s over the prompts. Quality: (1) agreement with skiptree fp32's
-greedy output (tokens before the first difference, and exact matches), (2) perplexity of each
-skiptree precision on a held-out passage (teacher-forced, the artifact's own logits). llama.cpp is
-not run: llama-cpp-python builds llama.cpp from source at install, which does not fit this run.
+Every skiptree artifact is a speculative one (--draft, default the gated prompt lookup + Token
+Recycling merge, over --tree); its plain decoding is the same artifact loaded with
+`speculative=False`. Engines run interleaved (bench/decode_speed.py's `measure`), median decode
+tokens/s over the prompts. Quality: (1) agreement with skiptree fp32's greedy output (tokens
+before the first difference, and exact matches), (2) perplexity of each skiptree precision on a
+held-out passage (teacher-forced, the artifact's own logits). llama.cpp is not run:
+llama-cpp-python builds llama.cpp from source at install, which does not fit this run.
 Writes bench/results/quantized.{json,md}.
 
     .venv/bin/pip install --no-deps onnxruntime-genai==0.18.0   # the peer (pyproject's bench extra)
-    .venv/bin/python bench/quantized.py [--threads 1] [--max-new-tokens 64] [--tree chain:3]
+    .venv/bin/python bench/quantized.py [--threads 1] [--max-new-tokens 64] [--draft lookup+recycle]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ PRECISIONS = {  # name -> --quantize. The default model is a Q4_1 GGUF (Q8_0 emb
     "int4-requant-b128": "int4:block=128",  # off the grid: the dequantised weights re-quantised
     "int8-requant-b64": "int8:block=64",
 }
-SPECULATIVE = ("fp32", "int4-grid")  # also run with prompt lookup
+SPECULATIVE = ("fp32", "int4-grid", "int4-requant-b128")  # also run with the drafter
 HELD_OUT = (  # written for this benchmark: not in any training set the model saw verbatim
     "The lighthouse keeper counted the ships that passed each night and wrote their names in a "
     "small green notebook. In winter the fog came early, and the lamp had to be cleaned twice a "
@@ -52,16 +53,17 @@ HELD_OUT = (  # written for this benchmark: not in any training set the model sa
 )
 
 
-def build(folder: Path, work: Path, tree: str, max_seq_len: int) -> dict[str, tuple[Path, float | None]]:
-    """One speculative artifact per precision (compiled once into `work`); (folder, compile s or
-    None when it was compiled by an earlier run)."""
+def build(folder: Path, work: Path, draft: str, tree: str,
+          max_seq_len: int) -> dict[str, tuple[Path, float | None]]:  # fmt: skip
+    """One speculative artifact per precision (compiled once into `work`, per drafter and tree);
+    (folder, compile s or None when it was compiled by an earlier run)."""
     built: dict[str, tuple[Path, float | None]] = {}
     for name, quantize in PRECISIONS.items():
-        out = work / name
+        out = work / f"{draft}-{tree}".replace(":", "_") / name
         built[name] = (out, None)
         if not (out / "manifest.json").is_file():
             start = time.perf_counter()
-            options = CompileOptions(max_seq_len=max_seq_len, draft="prompt-lookup", tree=tree,
+            options = CompileOptions(max_seq_len=max_seq_len, draft=draft, tree=tree,
                                      quantize=quantize)  # fmt: skip
             compile_model(folder, out, options, log=lambda message: None)
             built[name] = (out, time.perf_counter() - start)
@@ -83,9 +85,10 @@ def markdown(record: dict) -> str:
     lines = [f"# Weight-only quantisation: {record['model']}, {record['threads']} thread(s), "
              f"{record['max_new_tokens']} new tokens, S={record['max_seq_len']}", "",
              f"CPU: {record['cpu']}; {len(PROMPTS)} prompts, median of {record['rounds']} rounds each, "
-             "engines interleaved; decode tokens/s (prefill excluded). Speculative = prompt lookup, tree "
-             f"{record['tree']}. Agreement: new tokens equal to skiptree fp32 greedy before the first "
-             "difference (mean over prompts), and prompts with all tokens equal.", "",
+             "engines interleaved; decode tokens/s (prefill excluded). Speculative = drafter "
+             f"{record['draft']} (gated), tree {record['tree']}. Agreement: new tokens equal to "
+             "skiptree fp32 greedy before the first difference (mean over prompts), and prompts with all "
+             "tokens equal.", "",
              "| engine | tokens/s | vs skiptree fp32 | vs genai int4 | agreement with fp32 | same output |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     engines = record["engines"]
@@ -113,12 +116,13 @@ def markdown(record: dict) -> str:
 
 def main() -> None:
     parser = decode_arguments()
-    parser.add_argument("--tree", default="chain:3")
+    parser.add_argument("--draft", default="lookup+recycle")
+    parser.add_argument("--tree", default="k-ary:2x3")
     parser.add_argument("--work", type=Path, default=Path("bench/.work/quantized"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = fetch("smollm2-135m")
-    built = build(folder, args.work, args.tree, args.max_seq_len)
+    built = build(folder, args.work, args.draft, args.tree, args.max_seq_len)
     engines, runtimes = [], {}
     for name, (artifact, _) in built.items():
         runtimes[name] = skiptree.load(artifact, threads=args.threads, speculative=False)
@@ -151,7 +155,8 @@ def main() -> None:
                         "weights_mb": sum(p.stat().st_size for p in artifact.glob("*.onnx*")) / 1e6}
                  for name, (artifact, seconds) in built.items()}  # fmt: skip
     record = {"model": "smollm2-135m", "threads": args.threads, "max_new_tokens": args.max_new_tokens,
-              "max_seq_len": args.max_seq_len, "rounds": args.rounds, "tree": args.tree, "cpu": cpu_model(),
+              "max_seq_len": args.max_seq_len, "rounds": args.rounds, "draft": args.draft, "tree": args.tree,
+              "cpu": cpu_model(),
               "genai": peers.genai_version(), "engines": record_engines, "artifacts": artifacts,
               "perplexity": {name: round(perplexity(rt, HELD_OUT), 3) for name, rt in runtimes.items()},
               "prompt_ids": prompt_ids}  # fmt: skip
