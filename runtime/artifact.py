@@ -127,6 +127,9 @@ class Runtime(TextGenerator):
     def description(self) -> str:
         backend, spec = self.manifest["backend"], self.manifest.get("speculative")
         mode = f", speculative: {spec['drafter']} {spec['tree']['spec']}" if self.speculative else ""
+        if self.speculative and "int8 activations" in self.precision:  # measured: README, int8 activations
+            mode += (" (int8 activations are not batch-invariant in ORT: a tree can differ from plain "
+                     "decoding at near-ties; --quantize ...:accuracy=0 is exact)")  # fmt: skip
         if early := self.manifest.get("early_exit"):
             mode = (f", early exit (LOSSY): gate {early['gate']} at layers {early['exits']}, calibrated "
                     f"agreement {early['agreement']:.3f} with the full model, {early['mean_layers']:.1f} of "

@@ -60,6 +60,8 @@ def test_manifest_records_the_quantisation_and_the_tied_head_is_quantised(quanti
     assert (entry["bits"], entry["block_size"], entry["quantized_matmuls"]) == (4, 32, 15)  # 2 x 7 + the head
     assert runtime.precision == "int4 weights (block 32), int8 activations"
     assert "int4 weights" in runtime.description
+    assert "not batch-invariant" in runtime.description  # speculation with int8 activations says so
+    assert "batch" not in skiptree.load(artifacts["int4"], speculative=False).description
     assert [p["name"] for p in runtime.manifest["pipeline"]][-1] == "QuantizeWeights"
 
 
