@@ -127,9 +127,12 @@ class Runtime(TextGenerator):
     def description(self) -> str:
         backend, spec = self.manifest["backend"], self.manifest.get("speculative")
         mode = f", speculative: {spec['drafter']} {spec['tree']['spec']}" if self.speculative else ""
-        if self.speculative and "int8 activations" in self.precision:  # measured: README, int8 activations
-            mode += (" (int8 activations are not batch-invariant in ORT: a tree can differ from plain "
-                     "decoding at near-ties; --quantize ...:accuracy=0 is exact)")  # fmt: skip
+        parents = spec["tree"]["parents"] if spec else []
+        branching = parents != list(range(-1, len(parents) - 1))
+        if self.speculative and branching and "int8 activations" in self.precision:
+            # measured (README, int8 activations): chains are exact, branching trees are not
+            mode += (" (LOSSY at near-ties: with int8 activations a branching tree can differ from "
+                     "plain decoding; a chain:N tree or --quantize ...:accuracy=0 is exact)")  # fmt: skip
         if early := self.manifest.get("early_exit"):
             mode = (f", early exit (LOSSY): gate {early['gate']} at layers {early['exits']}, calibrated "
                     f"agreement {early['agreement']:.3f} with the full model, {early['mean_layers']:.1f} of "
@@ -177,7 +180,9 @@ def step_model_of(backend, manifest: dict[str, Any]):
     if "self_draft" in graphs and verify["signature"]["inputs"][0]["name"] == "hidden":  # a prefix exit
         cache = backend.cache(verify["signature"], num_layers=manifest["model"]["config"]["num_layers"])
         return SplitStepModel(backend.graph("self_draft", cache), backend.graph("verify", cache), max_tree)
-    return VerifyStepModel(backend.graph("verify", backend.cache(verify["signature"])), max_tree)
+    activations = (verify.get("quantization") or {}).get("accuracy_level", 0)
+    even_rows = activations == 4  # int8 activations: see onnx_step.pad_to_even_rows
+    return VerifyStepModel(backend.graph("verify", backend.cache(verify["signature"])), max_tree, even_rows)
 
 
 def is_artifact(path: Path) -> bool:

@@ -46,6 +46,32 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
 BATCHED = ("logits", "features")  # verify outputs with a batch dim, dropped by VerifyStepModel
 
 
+def pad_to_even_rows(inputs: dict[str, np.ndarray], room: int) -> int:
+    """The tree's node count; when it is odd and `room` (the most rows the call may have: free
+    cache slots, the graph's largest tree) allows one more, a throw-away node (a copy of the root,
+    its child) is appended to the verify inputs in place. Why: ORT's int8-activation MatMulNBits
+    computes rows in pairs and a lone row with another kernel, which rounds differently (up to 3.7
+    logits apart on SmolLM2 int4, measured); a row of a pair is bit for bit the same whatever the
+    call's size, its partner or its place (measured). With every call even, a chain verifies
+    exactly what plain decoding computes. (A branching tree still can differ: a node whose
+    ancestors are not in consecutive slots sums attention in another order, and int8 rounding
+    amplifies that.) The extra node's K/V lands past the tree, where nothing reads it before the
+    next step overwrites it; its outputs are cut by `first_rows`."""
+    if "tokens" not in inputs:  # a prefix exit's hidden states: not padded (float drafts only)
+        return inputs["hidden"].shape[1]
+    rows = inputs["tokens"].shape[1]
+    if rows % 2 == 0 or room < rows + 1:
+        return rows
+    inputs["tokens"] = np.concatenate([inputs["tokens"], inputs["tokens"][:, :1]], axis=1)
+    inputs["parents"] = np.append(inputs["parents"], 0)
+    return rows
+
+
+def first_rows(name: str, value: np.ndarray, rows: int) -> np.ndarray:
+    """A verify output cut to the tree's own `rows` (its batch dim kept)."""
+    return value[:, :rows] if name in BATCHED else value[:rows]
+
+
 def is_cache(name: str) -> bool:
     return name[:1] in ("k", "v") and name[1:].isdigit()
 
@@ -170,10 +196,11 @@ class VerifyStepModel(CachedSteps):
     chain tree is a causal step. One graph then holds the weights once (two graphs would load two
     copies). Prefill goes in chunks of at most `max_tree` tokens, the verify graph's largest tree."""
 
-    def __init__(self, graph: OnnxGraph, max_tree: int):
-        self.graph, self.cache = graph, graph.cache
+    def __init__(self, graph: OnnxGraph, max_tree: int, even_rows: bool = False):
+        self.graph, self.cache, self.even_rows = graph, graph.cache, even_rows
         # a TVM graph prefills in its largest tuned (static) size; ORT in the largest tree
         self.max_tree = min(max_tree, getattr(graph, "largest_static_tokens", None) or max_tree)
+        self.chunk = self.max_tree - self.max_tree % 2 if even_rows else self.max_tree
         self.max_seq_len = self.cache.max_seq_len
 
     def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
@@ -181,13 +208,16 @@ class VerifyStepModel(CachedSteps):
         features [T, H]."""
         self.check_room(len(token_ids))
         pieces: list[list[np.ndarray]] = []
-        for start in range(0, len(token_ids), self.max_tree):
-            chunk = token_ids[start : start + self.max_tree]
+        for start in range(0, len(token_ids), self.chunk):
+            chunk = token_ids[start : start + self.chunk]
             inputs = {"tokens": np.asarray([chunk], dtype=np.int64),
                       "parents": np.maximum(np.arange(len(chunk), dtype=np.int64) - 1, 0),
                       "prefix_len": np.asarray([self.cache.length], dtype=np.int64)}  # fmt: skip
+            if self.even_rows:
+                pad_to_even_rows(inputs, self.max_seq_len - self.cache.length)  # chunks are even
             values = self.graph.run(inputs, outputs)
             named = zip(outputs, values, strict=True)
-            pieces.append([value[0] if name in BATCHED else value for name, value in named])
+            pieces.append([first_rows(name, value, len(chunk))[0] if name in BATCHED else value[: len(chunk)]
+                           for name, value in named])  # fmt: skip
             self.cache.length += len(chunk)
         return [np.concatenate([piece[i] for piece in pieces]) for i in range(len(outputs))]

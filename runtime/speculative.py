@@ -21,7 +21,7 @@ import numpy as np
 
 from skiptree.runtime.drafters import Drafter
 from skiptree.runtime.generation import GenerationResult, check_context
-from skiptree.runtime.onnx_step import OnnxGraph, OnnxStepModel
+from skiptree.runtime.onnx_step import OnnxGraph, OnnxStepModel, first_rows, pad_to_even_rows
 from skiptree.runtime.sampling import SamplingConfig, choose_token, sampling_probabilities
 from skiptree.runtime.tree import TreeShape
 from skiptree.runtime.verify import accept_greedy, accept_sampling, children_of
@@ -84,14 +84,19 @@ class SpeculativeDecoder:
         if hidden is not None:  # a prefix-exit self-draft: verification starts at its exit layer
             del inputs["tokens"]
             inputs["hidden"] = hidden[None, : len(tokens) + 1]
+        rows = len(tokens) + 1
+        if getattr(self.step, "even_rows", False):  # int8 activations: see pad_to_even_rows
+            pad_to_even_rows(inputs, min(self.max_seq_len - cache.length, self.step.max_tree))
         outputs = ("next_ids",) if greedy else ("logits",)
         if greedy and self.wants_logits:
             outputs += ("logits",)
-        values = self.verify_graph.run(inputs, outputs + (("features",) if self.wants_features else ()))
-        target = values[0] if greedy else values[0][0]
+        outputs += ("features",) if self.wants_features else ()
+        values = {name: first_rows(name, value, rows)
+                  for name, value in zip(outputs, self.verify_graph.run(inputs, outputs), strict=True)}
         if self.wants_logits:  # Token Recycling: the target's candidates after every node
-            self.drafter.observe_logits([root, *tokens], values[len(outputs) - 1][0])
-        return target, (values[-1][0] if self.wants_features else None)
+            self.drafter.observe_logits([root, *tokens], values["logits"][0])
+        target = values["next_ids"] if greedy else values["logits"][0]
+        return target, (values["features"][0] if self.wants_features else None)
 
     @property
     def wants_features(self) -> bool:
