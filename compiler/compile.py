@@ -168,6 +168,8 @@ def compile_model(
 
     with atomic_folder(out_dir, replace=True) as building:  # an older artifact is replaced
         graphs, backend = lower(ir, building, options, phase)
+        if "verify" in graphs:  # its prefill chunk (the largest tree), also without a drafter
+            graphs["verify"]["max_tree"] = min(options.max_tree, options.max_seq_len)
         check = None
         if options.check:
             phase("checking the lowered graph against eager torch")

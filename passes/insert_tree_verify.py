@@ -129,12 +129,15 @@ class InsertTreeVerify(Pass):
     With `first_layer` E > 0 (a prefix-exit self-draft), "verify" takes `hidden` instead of `tokens`
     and has caches for layers E..L-1 only (see `TreeVerifyModule`). With `fused_attention`, a model
     that supports it attends through `skiptree.models.fused_ops` (ONNX Runtime lowering only:
-    TVM has no such op), same inputs, outputs and cache slots.
+    TVM has no such op), same inputs, outputs and cache slots. With `plain_decoding` (an artifact
+    without a drafter), only a fused verify graph is added, to run prefill and plain steps in place
+    of "step" (a chain tree is a causal step); a model that cannot fuse keeps its step graph alone.
     """
 
     max_tree: int = 64
     first_layer: int = 0
     fused_attention: bool = False  # ONNX Runtime: one GroupQueryAttention per layer where the model allows
+    plain_decoding: bool = False
     name = "InsertTreeVerify"
 
     def run(self, ir: ModelIR) -> PassResult:
@@ -154,11 +157,14 @@ class InsertTreeVerify(Pass):
                    TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
                    TensorSpec("features", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
         fused = self.fused_attention and model.supports_fused_attention()
+        if self.plain_decoding and not fused:
+            return PassResult(ir, False)  # unfused, the verify graph is no faster than "step"
         verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused)
         ir.graphs["verify"] = export_with_caches("verify", verify, example, caches, outputs, max_tree, layers)
-        caches = example_caches(model, max_len)  # compaction moves every layer's K/V
-        moves = [("from_slots", torch.tensor([3, 4, 5]), {0: "T"}),
-                 ("to_slots", torch.tensor([1, 2, 3]), {0: "T"})]
-        ir.graphs["compact"] = export_with_caches("compact", CompactModule(), moves, caches, [], max_tree)
+        if not self.plain_decoding:  # compaction moves every layer's K/V after a tree
+            caches = example_caches(model, max_len)
+            moves = [("from_slots", torch.tensor([3, 4, 5]), {0: "T"}),
+                     ("to_slots", torch.tensor([1, 2, 3]), {0: "T"})]
+            ir.graphs["compact"] = export_with_caches("compact", CompactModule(), moves, caches, [], max_tree)
         ir.blocks = build_block_view(ir.config, ir.graphs)
         return PassResult(ir, True)

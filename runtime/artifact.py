@@ -176,12 +176,13 @@ def step_model_of(backend, manifest: dict[str, Any]):
         return EarlyExitStepModel(backend.graph("step", cache), backend.graph("exit_step", cache), threshold)
     if "step" in graphs:
         return GraphStepModel(backend.graph("step", backend.cache(graphs["step"]["signature"])))
-    verify, max_tree = graphs["verify"], manifest["speculative"]["max_tree"]
+    verify, speculative = graphs["verify"], manifest.get("speculative")
+    max_tree = speculative["max_tree"] if speculative else verify["max_tree"]  # plain: a fused verify graph
     if "self_draft" in graphs and verify["signature"]["inputs"][0]["name"] == "hidden":  # a prefix exit
         cache = backend.cache(verify["signature"], num_layers=manifest["model"]["config"]["num_layers"])
         return SplitStepModel(backend.graph("self_draft", cache), backend.graph("verify", cache), max_tree)
     activations = (verify.get("quantization") or {}).get("accuracy_level", 0)
-    even_rows = activations == 4  # int8 activations: see onnx_step.pad_to_even_rows
+    even_rows = bool(speculative) and activations == 4  # int8 under speculation: see pad_to_even_rows
     return VerifyStepModel(backend.graph("verify", backend.cache(verify["signature"])), max_tree, even_rows)
 
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from test_gguf_convert import tiny_hf_model, write_gguf  # noqa: E402
 
 QUIET = dict(log=lambda message: None)
+MATMULS = 2 * 5 + 1  # 7 matrices a layer, fused graphs (head size 16) pack q|k|v into one; the head
 PROMPT = [5, 17, 64, 33, 2, 9, 11, 40]
 
 
@@ -59,12 +60,12 @@ def test_quantised_on_the_grid_computes_the_gguf_model(gguf_folder, tmp_path):
     options = {"grid": f"{bits}:accuracy=0", "off": f"{bits}:block=64,accuracy=0"}
     on_grid, off_grid = (compile_model(folder, tmp_path / name, CompileOptions(max_seq_len=32, quantize=q),
                                        **QUIET) for name, q in options.items())  # fmt: skip
-    entry = skiptree.load(on_grid).manifest["graphs"]["step"]["quantization"]
+    entry = skiptree.load(on_grid).manifest["graphs"]["verify"]["quantization"]  # fused: q|k|v one matmul
     if kind == "Q8_0":  # float activations: ORT's 8-bit kernels compute in int8 only; the floats are the grid
-        assert entry["gguf_grid"] == {"Q8_0 as float": 15} and entry["quantized_matmuls"] == 0
+        assert entry["gguf_grid"] == {"Q8_0 as float": MATMULS} and entry["quantized_matmuls"] == 0
     else:
-        assert entry["gguf_grid"] == {kind: 2 * 7 + 1} and entry["quantized_matmuls"] == 2 * 7 + 1
-        assert "the GGUF grid kept for 15 " + kind in skiptree.load(on_grid).precision
+        assert entry["gguf_grid"] == {kind: MATMULS} and entry["quantized_matmuls"] == MATMULS
+        assert f"the GGUF grid kept for {MATMULS} {kind}" in skiptree.load(on_grid).precision
     scale = np.abs(reference).max()
     assert np.abs(logits_of(on_grid) - reference).max() < 1e-5 * scale
     assert np.abs(logits_of(off_grid) - reference).max() > 1e-3 * scale
@@ -75,8 +76,8 @@ def test_q8_0_runs_as_8_bit_codes_with_int8_activations(tmp_path):
     plain = logits_of(compile_model(folder, tmp_path / "float", CompileOptions(max_seq_len=32), **QUIET))
     options = CompileOptions(max_seq_len=32, quantize="int8")
     artifact = compile_model(folder, tmp_path / "int8", options, **QUIET)
-    entry = skiptree.load(artifact).manifest["graphs"]["step"]["quantization"]
-    assert entry["gguf_grid"] == {"Q8_0": 15} and entry["quantized_matmuls"] == 15
+    entry = skiptree.load(artifact).manifest["graphs"]["verify"]["quantization"]
+    assert entry["gguf_grid"] == {"Q8_0": MATMULS} and entry["quantized_matmuls"] == MATMULS
     assert np.abs(logits_of(artifact) - plain).max() < 0.05 * np.abs(plain).max()  # int8 activations only
 
 
@@ -88,7 +89,7 @@ def test_packed_attention_projections_stay_on_the_grid(tmp_path):
                              tree="chain:3")  # fmt: skip
     artifact = compile_model(folder, tmp_path / "int4", options, **QUIET)
     entry = skiptree.load(artifact).manifest["graphs"]["verify"]["quantization"]
-    assert entry["gguf_grid"] == {"Q4_1": 2 * 5 + 1}  # 7 matrices a layer, q|k|v as one matmul
+    assert entry["gguf_grid"] == {"Q4_1": MATMULS}
     prompt = PROMPT * 3
     plain = skiptree.load(artifact, speculative=False).generate(prompt, max_new_tokens=16, eos_token_id=[])
     speculative = skiptree.load(artifact).generate(prompt, max_new_tokens=16, eos_token_id=[])

@@ -182,3 +182,21 @@ def test_fused_autoregressive_equals_transformers_greedy(fused_artifact, prompt)
                                       eos_token_id=None, pad_token_id=0)  # fmt: skip
     expected = expected[0, len(prompt) :].tolist()
     assert plain.generate(prompt, max_new_tokens=24, eos_token_id=[]).token_ids == expected
+
+
+def test_plain_artifact_decodes_through_a_fused_verify_graph(tmp_path):
+    """Without a drafter, an ORT artifact of a model that fuses holds only the fused verify graph
+    (no step, no compact graph) and decodes as transformers does."""
+    import torch
+
+    reference = write_tiny_model(tmp_path / "target", FUSED_CONFIGS["llama"])
+    write_word_tokenizer(tmp_path / "target")
+    art = skiptree.compile(tmp_path / "target", tmp_path / "artifact", max_seq_len=64, max_tree=8)
+    runtime = skiptree.load(art)
+    assert sorted(runtime.manifest["graphs"]) == ["verify"] and runtime.speculative is None
+    assert not runtime.step_model.even_rows and runtime.step_model.chunk == 8
+    prompt = [3, 4, 5] * 4  # 12 tokens: prefilled in chunks of 8 and 4
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert runtime.generate(prompt, max_new_tokens=24, eos_token_id=[]).token_ids == expected[0, 12:].tolist()
