@@ -45,6 +45,8 @@ PRECISIONS = {  # name -> --quantize. The default model is a Q4_1 GGUF (Q8_0 emb
 }
 SPECULATIVE = ("fp32", "int4-grid", "int4-requant-b128")  # also run with the drafter, and on a chain
 CHAIN = "chain:4"  # int8 activations are exact on chains only (README: int8 activations)
+PLAIN_ARTIFACTS = ("int4-grid", "int4-requant-b128")  # also compiled without a drafter
+PLAIN = "(plain artifact)"
 HELD_OUT = (  # written for this benchmark: not in any training set the model saw verbatim
     "The lighthouse keeper counted the ships that passed each night and wrote their names in a "
     "small green notebook. In winter the fog came early, and the lamp had to be cleaned twice a "
@@ -60,12 +62,14 @@ def build(folder: Path, work: Path, draft: str, tree: str,
     """One speculative artifact per precision (compiled once into `work`, per drafter and tree);
     (folder, compile s or None when it was compiled by an earlier run)."""
     built: dict[str, tuple[Path, float | None]] = {}
-    for name, quantize in PRECISIONS.items():
-        out = work / f"{draft}-{tree}".replace(":", "_") / name
+    jobs = [(name, quantize, draft, work / f"{draft}-{tree}".replace(":", "_") / name)
+            for name, quantize in PRECISIONS.items()]  # fmt: skip
+    jobs += [(f"{name} {PLAIN}", PRECISIONS[name], None, work / "plain" / name) for name in PLAIN_ARTIFACTS]
+    for name, quantize, drafter, out in jobs:
         built[name] = (out, None)
         if not (out / "manifest.json").is_file():
             start = time.perf_counter()
-            options = CompileOptions(max_seq_len=max_seq_len, draft=draft, tree=tree,
+            options = CompileOptions(max_seq_len=max_seq_len, draft=drafter, tree=tree,
                                      quantize=quantize)  # fmt: skip
             compile_model(folder, out, options, log=lambda message: None)
             built[name] = (out, time.perf_counter() - start)
