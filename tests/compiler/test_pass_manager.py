@@ -51,4 +51,8 @@ def test_verifier_stops_a_broken_pass_and_names_it(tiny_ir):
 
 
 def test_default_pipeline_is_data():
-    assert [type(p).__name__ for p in build_pipeline(CompileOptions())] == ["EliminateDeadCode"]
+    plain = build_pipeline(CompileOptions())  # ORT: a fused verify graph where the model fuses
+    assert [type(p).__name__ for p in plain] == ["InsertTreeVerify", "EliminateDeadCode"]
+    assert plain[0].plain_decoding and plain[0].fused_attention
+    tvm = build_pipeline(CompileOptions(backend="tvm"))
+    assert [type(p).__name__ for p in tvm] == ["EliminateDeadCode"]

@@ -68,7 +68,10 @@ def test_manifest_records_what_was_built(tiny_artifact):
     manifest = skiptree.load(artifact).manifest
     assert manifest["format_version"] == 1 and manifest["max_seq_len"] == 48
     assert manifest["backend"]["name"] == "onnxruntime"
-    assert manifest["pipeline"] == [{"name": "EliminateDeadCode", "options": {}, "modified": False}]
+    verify = {"max_tree": 64, "first_layer": 0, "fused_attention": True, "plain_decoding": True}
+    assert manifest["pipeline"] == [  # a model that cannot fuse (head size 8) keeps its step graph
+        {"name": "InsertTreeVerify", "options": verify, "modified": False},
+        {"name": "EliminateDeadCode", "options": {}, "modified": False}]
     assert manifest["check"]["argmax_agreement"] == 1.0 and manifest["check"]["max_abs_logit_error"] < 1e-4
     assert set(manifest["files"]) == {"step.onnx", "step.onnx.data", "tokenizer/tokenizer.json",
                                       "tokenizer/generation_config.json"}
