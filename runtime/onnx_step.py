@@ -46,8 +46,8 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
 BATCHED = ("logits", "features")  # verify outputs with a batch dim, dropped by VerifyStepModel
 
 
-def pad_to_even_rows(inputs: dict[str, np.ndarray], room: int) -> int:
-    """The tree's node count; when it is odd and `room` (the most rows the call may have: free
+def pad_to_even_rows(inputs: dict[str, np.ndarray], room: int) -> None:
+    """When the tree's node count is odd and `room` (the most rows the call may have: free
     cache slots, the graph's largest tree) allows one more, a throw-away node (a copy of the root,
     its child) is appended to the verify inputs in place. Why: ORT's int8-activation MatMulNBits
     computes rows in pairs and a lone row with another kernel, which rounds differently (up to 3.7
@@ -58,13 +58,11 @@ def pad_to_even_rows(inputs: dict[str, np.ndarray], room: int) -> int:
     amplifies that.) The extra node's K/V lands past the tree, where nothing reads it before the
     next step overwrites it; its outputs are cut by `first_rows`."""
     if "tokens" not in inputs:  # a prefix exit's hidden states: not padded (float drafts only)
-        return inputs["hidden"].shape[1]
+        return
     rows = inputs["tokens"].shape[1]
-    if rows % 2 == 0 or room < rows + 1:
-        return rows
-    inputs["tokens"] = np.concatenate([inputs["tokens"], inputs["tokens"][:, :1]], axis=1)
-    inputs["parents"] = np.append(inputs["parents"], 0)
-    return rows
+    if rows % 2 == 1 and room >= rows + 1:
+        inputs["tokens"] = np.concatenate([inputs["tokens"], inputs["tokens"][:, :1]], axis=1)
+        inputs["parents"] = np.append(inputs["parents"], 0)
 
 
 def first_rows(name: str, value: np.ndarray, rows: int) -> np.ndarray:
@@ -217,7 +215,7 @@ class VerifyStepModel(CachedSteps):
                 pad_to_even_rows(inputs, self.max_seq_len - self.cache.length)  # chunks are even
             values = self.graph.run(inputs, outputs)
             named = zip(outputs, values, strict=True)
-            pieces.append([first_rows(name, value, len(chunk))[0] if name in BATCHED else value[: len(chunk)]
-                           for name, value in named])  # fmt: skip
+            kept = [(name, first_rows(name, value, len(chunk))) for name, value in named]
+            pieces.append([value[0] if name in BATCHED else value for name, value in kept])
             self.cache.length += len(chunk)
         return [np.concatenate([piece[i] for piece in pieces]) for i in range(len(outputs))]
