@@ -10,11 +10,11 @@ than its parent) that maximise the predicted speed of the step,
 where T(n) is the verify step's measured cost with n draft nodes (`VerifyCost`, measured at compile
 time on the compiling machine) and T(0) a plain step. n = 0 (a plain step) when nothing pays.
 
-A node's probability is its parent's times the acceptance rate of its source at its rank among its
-siblings and at its evidence (how many tokens a lookup matched: 0-1, 2, 3, 4-7, 8+), given that its
-parent was accepted (`RankAcceptance`, counted online from every verify step, Laplace-smoothed so an
-untried class starts at 1/2). This is Sequoia's acceptance by rank, per source and match length and
-measured as decoding goes; the tree shape the tuner chose bounds the draft.
+A node's probability is its parent's times the acceptance rate of its source at its rank among that
+source's candidates there and at its evidence (how many tokens a lookup matched: 0-1, 2, 3, 4-7, 8+),
+given that its parent was accepted (`RankAcceptance`, counted online from every verify step,
+Laplace-smoothed so an untried class starts at 1/2). This is Sequoia's acceptance by rank, per
+source and match length and measured as decoding goes; the tree shape the tuner chose bounds the draft.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ ANY = -1  # the evidence class of a source's counts over all classes (for rankin
 
 @dataclass
 class RankAcceptance:
-    """P(accepted | parent accepted) by (source, evidence class, rank among siblings), counted
+    """P(accepted | parent accepted) by (source, evidence class, rank among its candidates), counted
     online; also over all classes (class ANY)."""
 
     judged: dict[tuple[str, int, int], int] = field(default_factory=dict)
@@ -69,7 +69,7 @@ class RankAcceptance:
         """The first `verified` nodes of `draft` were verified; `accepted` (verify numbering, 1 = draft
         node 0) were accepted. A node was judged when its parent was the root or accepted."""
         taken = {node - 1 for node in accepted}
-        for node, rank in enumerate(sibling_ranks(draft.parents[:verified])):
+        for node, rank in enumerate(draft.ranks[:verified]):
             parent = draft.parents[node]
             if parent == -1 or parent in taken:
                 source, evidence = draft.sources[node], evidence_class(draft.evidence[node])
@@ -78,19 +78,9 @@ class RankAcceptance:
                     self.accepted[key] = self.accepted.get(key, 0) + (node in taken)
 
 
-def sibling_ranks(parents: list[int]) -> list[int]:
-    """Each node's index among its parent's children (in draft order)."""
-    seen: dict[int, int] = {}
-    ranks = []
-    for parent in parents:
-        ranks.append(seen.get(parent, 0))
-        seen[parent] = ranks[-1] + 1
-    return ranks
-
-
 def node_probabilities(draft: Draft, acceptance: RankAcceptance) -> list[float]:
     probabilities: list[float] = []
-    for node, rank in enumerate(sibling_ranks(draft.parents)):
+    for node, rank in enumerate(draft.ranks):
         parent = draft.parents[node]
         above = 1.0 if parent == -1 else probabilities[parent]
         probabilities.append(above * acceptance.rate(draft.sources[node], rank, draft.evidence[node]))
@@ -111,5 +101,5 @@ def gate_draft(draft: Draft, acceptance: RankAcceptance, cost: VerifyCost) -> Dr
     gated = Draft()
     for old in kept:
         parent = renumber.get(draft.parents[old], -1)
-        gated.add(draft.tokens[old], parent, draft.sources[old], draft.evidence[old])
+        gated.add(draft.tokens[old], parent, draft.sources[old], draft.evidence[old], draft.ranks[old])
     return gated

@@ -27,8 +27,12 @@ class Draft:
     hidden: np.ndarray | None = None  # [1 + n, H]: a prefix-exit self-draft's states, root first
     sources: list[str] = field(default_factory=list)  # per node: which source proposed it ([]: the drafter)
     evidence: list[int] = field(default_factory=list)  # per node: the tokens its source matched (lookups)
+    ranks: list[int] = field(default_factory=list)  # per node: its rank among its source's candidates there
 
-    def add(self, token: int, parent: int, source: str | None = None, evidence: int = 0) -> int:
+    def add(self, token: int, parent: int, source: str | None = None, evidence: int = 0,
+            rank: int | None = None) -> int:
+        """Append a node; `rank` defaults to its rank among the parent's children so far."""
+        self.ranks.append(self.parents.count(parent) if rank is None else rank)
         self.tokens.append(token)
         self.parents.append(parent)
         self.child_probs.append(None)
@@ -45,21 +49,22 @@ class Drafter(Protocol):
                 rng: np.random.Generator) -> Draft: ...  # fmt: skip
 
 
-Candidates = Callable[[list[int], int], list[tuple[int, str, int]]]
+Candidates = Callable[[list[int], int], list[tuple[int, str, int, int]]]
 
 
 def fill_tree(shape: TreeShape, candidates: Candidates) -> Draft:
     """A deterministic draft shaped like `shape`: `candidates(path, limit)` gives at most `limit`
-    (token, source, evidence) children, best first, of the node reached by `path` (the tokens below
-    the root). A node with fewer candidates than the shape's children drops the rest with their
+    (token, source, evidence, rank) children, best first, of the node reached by `path` (the tokens
+    below the root). A node with fewer candidates than the shape's children drops the rest with their
     subtrees."""
     draft, kept = Draft(), {-1: -1}  # shape node -> draft node
     paths: dict[int, list[int]] = {-1: []}
     for parent, kids in shape.children().items():  # parents before children (BFS order)
         if parent not in kept:
             continue  # dropped with its subtree
-        for node, (token, source, evidence) in zip(kids, candidates(paths[parent], len(kids)), strict=False):
-            kept[node] = draft.add(token, kept[parent], source, evidence)
+        for node, (token, source, evidence, rank) in zip(kids, candidates(paths[parent], len(kids)),
+                                                         strict=False):  # fmt: skip
+            kept[node] = draft.add(token, kept[parent], source, evidence, rank)
             paths[node] = paths[parent] + [token]
     return draft
 
@@ -79,9 +84,9 @@ class CandidateSource(Protocol):
 def draft_from(source: CandidateSource, context: list[int], shape: TreeShape) -> Draft:
     """The tree `source` proposes after `context` (its last token is the root)."""
     source.prepare(context)
-    def candidates(path: list[int], limit: int) -> list[tuple[int, str, int]]:
+    def candidates(path: list[int], limit: int) -> list[tuple[int, str, int, int]]:
         tokens = source.candidates(context, path, limit)
-        return [(token, source.name, source.matched) for token in tokens]
+        return [(token, source.name, source.matched, rank) for rank, token in enumerate(tokens)]
 
     return fill_tree(shape, candidates)
 

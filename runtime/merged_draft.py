@@ -1,9 +1,12 @@
 """Free drafters (one, or several as one): their proposals merged into one tree per step, gated.
 
-Every node's children are the sources' candidates in turn (duplicates once, under the first source
-that proposed them), so each source is a branch where it has something to say and fills the
-ranks another source leaves empty. Sources are ranked by their measured acceptance so far (at
-rank 0, given the parent was accepted, over all match lengths: `RankAcceptance`). The tree's shape
+Every node's children are all sources' candidates ordered by their predicted acceptance: the
+acceptance measured so far for that source, at that candidate's rank among the source's own
+candidates there and at the source's evidence (how many tokens a lookup matched), given the parent
+was accepted (`RankAcceptance`). A token proposed twice counts once, under its likelier proposal.
+So a 12-token prompt-lookup match outranks recycling's guess, and recycling's first guess outranks a
+lookup that matched one token, whatever the sources' average rates; ties go to the lower rank, then
+to the source with the better measured acceptance overall (`ranked`). The tree's shape
 (the tuner's, or --tree) bounds the draft; with a measured verify cost T(n) in the artifact, the
 per-step gate (`skiptree.runtime.draft_gate`) then verifies only the part predicted to pay, or
 nothing (a plain step). Which source proposed each draft node is recorded, so a result can say
@@ -57,13 +60,15 @@ class MergedDrafter:
         for source in order:
             source.prepare(context)
 
-        def candidates(path: list[int], limit: int) -> list[tuple[int, str, int]]:
-            merged: dict[int, tuple[int, str, int]] = {}
-            for source in order:
-                for token in source.candidates(context, path, limit):
-                    merged.setdefault(token, (token, source.name, source.matched))
-                if len(merged) >= limit:
-                    break
+        def candidates(path: list[int], limit: int) -> list[tuple[int, str, int, int]]:
+            scored = []  # (-predicted acceptance, rank, source order, token, source, evidence)
+            for position, source in enumerate(order):
+                for rank, token in enumerate(source.candidates(context, path, limit)):
+                    rate = self.acceptance.rate(source.name, rank, source.matched)
+                    scored.append((-rate, rank, position, token, source.name, source.matched))
+            merged: dict[int, tuple[int, str, int, int]] = {}
+            for _, rank, _, token, name, evidence in sorted(scored):
+                merged.setdefault(token, (token, name, evidence, rank))
             return list(merged.values())[:limit]
 
         draft = fill_tree(shape, candidates)

@@ -11,7 +11,6 @@ from skiptree.runtime.draft_gate import (
     evidence_class,
     gate_draft,
     node_probabilities,
-    sibling_ranks,
 )
 from skiptree.runtime.drafters import Draft
 
@@ -34,7 +33,7 @@ def test_verify_cost_interpolates_and_extends_linearly():
 def test_only_nodes_whose_parent_was_accepted_are_judged():
     acceptance = RankAcceptance()
     draft = draft_of([7, 8, 9, 10], [-1, -1, 0, 1])  # 7 and 8 under the root; 9 under 7; 10 under 8
-    assert sibling_ranks(draft.parents) == [0, 1, 0, 0]
+    assert draft.ranks == [0, 1, 0, 0]  # by default a node's rank among its siblings
     acceptance.record(draft, verified=4, accepted=[1, 3])  # 7, then 9
     judged = {("recycle", 0, 0): 2, ("recycle", 0, 1): 1}  # 7, 9; 8 (rank 1); not 10
     assert acceptance.judged == {**judged, ("recycle", ANY, 0): 2, ("recycle", ANY, 1): 1}

@@ -7,7 +7,7 @@ import pytest
 
 from skiptree.compiler.options import CompileOptionError, table_sources
 from skiptree.runtime.corpus import CorpusDrafter, CorpusIndex
-from skiptree.runtime.drafters import PromptLookupDrafter
+from skiptree.runtime.drafters import Draft, PromptLookupDrafter
 from skiptree.runtime.merged_draft import MergedDrafter
 from skiptree.runtime.recycling import RecyclingDrafter
 from skiptree.runtime.sampling import SamplingConfig
@@ -16,6 +16,12 @@ from skiptree.runtime.tree import parse_tree
 
 def propose(drafter, context, tree="k-ary:2x2"):
     return drafter.propose(context, parse_tree(tree), SamplingConfig(), np.random.default_rng(0))
+
+
+def draft_of(source: str, evidence: int) -> Draft:
+    draft = Draft()
+    draft.add(1, -1, source, evidence)
+    return draft
 
 
 def recycling_with(rows: dict[int, list[int]]) -> RecyclingDrafter:
@@ -41,11 +47,27 @@ def test_sources_are_ranked_by_their_measured_acceptance():
     merged = MergedDrafter([PromptLookupDrafter(), recycle])
     assert [source.name for source in merged.ranked()] == ["prompt-lookup", "recycle"]  # untried: as given
     assert propose(merged, [1, 2, 3, 5, 1, 2, 3], "k-ary:2x1").tokens == [5, 4]  # lookup's 5 first
-    merged.observe_accepted(2, [2])  # recycle's 4 accepted, lookup's 5 not
-    assert merged.acceptance.rate("recycle", 1) == pytest.approx(2 / 3)
+    merged.observe_accepted(2, [2])  # recycle's 4 (its own rank 0) accepted, lookup's 5 not
+    assert merged.acceptance.rate("recycle", 0) == pytest.approx(2 / 3)
     assert merged.acceptance.rate("prompt-lookup", 0) == pytest.approx(1 / 3)
     assert [source.name for source in merged.ranked()] == ["recycle", "prompt-lookup"]
     assert propose(merged, [1, 2, 3, 5, 1, 2, 3], "k-ary:2x1").tokens == [4, 9]  # recycle first now
+
+
+def test_candidates_are_ordered_by_their_predicted_acceptance_at_their_evidence():
+    recycle = recycling_with({3: [4, 9]})
+    merged = MergedDrafter([PromptLookupDrafter(max_ngram=6, min_ngram=1), recycle])
+    for _ in range(4):  # long lookup matches always accepted, one-token matches never, recycle half the time
+        merged.acceptance.record(draft_of("prompt-lookup", 9), verified=1, accepted=[1])
+        merged.acceptance.record(draft_of("prompt-lookup", 1), verified=1, accepted=[])
+        merged.acceptance.record(draft_of("recycle", 0), verified=1, accepted=[1])
+        merged.acceptance.record(draft_of("recycle", 0), verified=1, accepted=[])
+    long_match = [1, 2, 3, 5, 7, 1, 2, 3]  # lookup matched 3 tokens (class 3: untried, 1/2)
+    assert propose(merged, long_match, "k-ary:2x1").sources == ["prompt-lookup", "recycle"]  # a tie: rank 0s
+    one_token = [6, 3, 5, 8, 3]  # lookup matched "3" alone: 1/10, below recycle's 9 at rank 1 (1/2)
+    draft = propose(merged, one_token, "k-ary:3x1")
+    assert draft.tokens == [4, 9, 5] and draft.sources == ["recycle", "recycle", "prompt-lookup"]
+    assert draft.ranks == [0, 1, 0]  # ranks among each source's own candidates
 
 
 def test_a_source_with_nothing_leaves_the_tree_to_the_others():
