@@ -64,7 +64,7 @@ def test_candidates_are_ordered_by_their_predicted_acceptance_at_their_evidence(
         merged.acceptance.record(draft_of("recycle", 0), verified=1, accepted=[])
     long_match = [1, 2, 3, 5, 7, 1, 2, 3]  # lookup matched 3 tokens (class 3: untried, 1/2)
     assert propose(merged, long_match, "k-ary:2x1").sources == ["prompt-lookup", "recycle"]  # a tie: rank 0s
-    one_token = [6, 3, 5, 8, 3]  # lookup matched "3" alone: 1/10, below recycle's 9 at rank 1 (1/2)
+    one_token = [6, 3, 5, 8, 3]  # lookup matched "3" alone: 1/6, below recycle's 9 at rank 1 (1/2)
     draft = propose(merged, one_token, "k-ary:3x1")
     assert draft.tokens == [4, 9, 5] and draft.sources == ["recycle", "recycle", "prompt-lookup"]
     assert draft.ranks == [0, 1, 0]  # ranks among each source's own candidates
