@@ -33,6 +33,18 @@ def test_top_candidates_are_the_largest_logits_best_first():
     assert top_candidates(logits, 3).tolist() == [[1, 4, 3], [0, 1, 2]]
 
 
+@pytest.mark.parametrize("vocab", [49152, 151936, 1000, 200])  # strided lanes; odd and small: direct
+def test_top_candidates_on_real_vocabularies_equal_a_full_sort(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((9, vocab)).astype(np.float32)
+    columns = vocab // 32
+    logits[0, [5, 5 + columns, 5 + 2 * columns, 5 + 31 * columns]] = [9.0, 8.0, 7.0, 6.0]  # one lane column
+    logits[1, -8:] = np.arange(10.0, 18.0)  # the top 8 at the very end
+    expected = np.argsort(-logits, axis=-1, kind="stable")[:, :8]
+    np.testing.assert_array_equal(top_candidates(logits, 8), expected)
+    np.testing.assert_array_equal(top_candidates(logits[:1], 1), expected[:1, :1])
+
+
 def test_the_table_is_bounded_and_drafts_the_shape_breadth_first():
     drafter = RecyclingDrafter(vocab_size=10, width=2)
     size = drafter.nbytes
