@@ -4,6 +4,8 @@ The lowered verify graph runs on the compiling machine (the artifact's own threa
 `prefix`-token context, with chains of n draft nodes (n + 1 tokens with the root), sizes
 interleaved, median of `repeats`. Stored as T(n) / T(0) in the manifest (`speculative.verify_cost`);
 T(0) is the plain step (the same graph with the root alone). A few seconds for a 135M model.
+Where the decoder pads calls to an even row count (int8 activations: `pad_to_even_rows`), the
+calls are measured padded, as the decoder pays them, and the cost is marked `paired`.
 """
 
 from __future__ import annotations
@@ -16,27 +18,31 @@ from typing import Any
 import numpy as np
 
 from skiptree.runtime.artifact import open_backend, step_model_of
-from skiptree.runtime.onnx_step import SessionConfig
+from skiptree.runtime.onnx_step import SessionConfig, pad_to_even_rows
 
 COST_NODES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def measure_verify_cost(folder: Path, manifest: dict[str, Any], threads: int, repeats: int = 3
                         ) -> dict[str, Any]:  # fmt: skip
-    """{"prefix", "plain_ms", "nodes", "ratio"} of the verify graph in the artifact being built."""
+    """{"prefix", "plain_ms", "nodes", "ratio", "paired"} of the verify graph in the artifact being built."""
     step = step_model_of(open_backend(folder, manifest, SessionConfig(threads=threads)), manifest)
     graph, max_seq_len = step.graph, step.max_seq_len
     largest = min(manifest["speculative"]["max_tree"], getattr(step, "max_tree", 64)) - 1
-    nodes = [n for n in COST_NODES if n <= largest]
+    paired = getattr(step, "even_rows", False)
+    nodes = sorted({n | 1 if paired else n for n in COST_NODES} & set(range(1, largest + 1)))
     prefix = min(128, max_seq_len - (max(nodes, default=0) + 1))
     vocab = manifest["model"]["config"]["vocab_size"]
     step.prefill([(7 * i + 3) % vocab for i in range(prefix)])
 
     def verify(n: int) -> None:
         step.cache.length = prefix
-        graph.run({"tokens": np.full((1, n + 1), 5, dtype=np.int64),
-                   "parents": np.maximum(np.arange(n + 1, dtype=np.int64) - 1, 0),
-                   "prefix_len": np.asarray([prefix], dtype=np.int64)}, ("next_ids",))  # fmt: skip
+        inputs = {"tokens": np.full((1, n + 1), 5, dtype=np.int64),
+                  "parents": np.maximum(np.arange(n + 1, dtype=np.int64) - 1, 0),
+                  "prefix_len": np.asarray([prefix], dtype=np.int64)}  # fmt: skip
+        if paired:
+            pad_to_even_rows(inputs, step.max_tree)
+        graph.run(inputs, ("next_ids",))
 
     sizes = [0, *nodes]
     times: dict[int, list[float]] = {n: [] for n in sizes}
@@ -49,4 +55,4 @@ def measure_verify_cost(folder: Path, manifest: dict[str, Any], threads: int, re
     medians = {n: statistics.median(t) for n, t in times.items()}
     ratios = np.maximum.accumulate([medians[n] / medians[0] for n in nodes])  # more nodes never cost less
     return {"prefix": prefix, "plain_ms": round(medians[0], 3), "nodes": nodes,
-            "ratio": [round(float(r), 4) for r in ratios]}  # fmt: skip
+            "ratio": [round(float(r), 4) for r in ratios], "paired": paired}  # fmt: skip

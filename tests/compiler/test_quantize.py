@@ -166,6 +166,9 @@ def test_smollm2_int4_one_token_steps_equal_tree_rows_and_chains_are_lossless(tm
     options = CompileOptions(max_seq_len=160, quantize="int4", draft="prompt-lookup", tree="chain:4")
     artifact = compile_model(fetch("smollm2-135m", progress=False), tmp_path / "int4", options, **QUIET)
     plain, speculative = skiptree.load(artifact, speculative=False), skiptree.load(artifact)
+    cost = speculative.manifest["speculative"]["verify_cost"]  # measured as the decoder pays: padded
+    assert cost["paired"] and all(n % 2 == 1 for n in cost["nodes"])
+    assert speculative.speculative.drafter.cost.paired
     step = plain.step_model
     prompt = plain.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1)")
     step.cache.length = 0

@@ -30,6 +30,21 @@ def test_verify_cost_interpolates_and_extends_linearly():
     assert VerifyCost.from_json({"nodes": [1], "ratio": [1.5], "prefix": 4}) == VerifyCost((1,), (1.5,))
 
 
+def test_paired_cost_charges_the_padded_call_and_gives_the_pad_slot_away():
+    cost = VerifyCost((1, 3, 5), (1.02, 1.3, 1.5), paired=True)  # measured padded: root + odd nodes
+    assert cost(0) == cost(1) == 1.0  # a plain step is already two rows
+    assert cost(2) == cost(3) == pytest.approx(1.3) and cost(4) == pytest.approx(1.5)
+    assert cost(6) == cost(7) == pytest.approx(1.7)  # past the end: 0.1 a node, rounded up to odd
+    entry = {"nodes": [1, 3], "ratio": [1.0, 1.2], "paired": True}
+    assert VerifyCost.from_json(entry) == VerifyCost((1, 3), (1.0, 1.2), True)
+    acceptance = RankAcceptance()
+    for _ in range(8):  # rank 0 never accepted: p = 0.1, no node pays for itself
+        acceptance.record(draft_of([7], [-1]), verified=1, accepted=[])
+    draft = draft_of([7, 8], [-1, 0])
+    assert gate_draft(draft, acceptance, VerifyCost((1, 3), (1.2, 1.3))).tokens == []
+    assert gate_draft(draft, acceptance, VerifyCost((1, 3), (1.2, 1.3), paired=True)).tokens == [7]
+
+
 def test_only_nodes_whose_parent_was_accepted_are_judged():
     acceptance = RankAcceptance()
     draft = draft_of([7, 8, 9, 10], [-1, -1, 0, 1])  # 7 and 8 under the root; 9 under 7; 10 under 8
