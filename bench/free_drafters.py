@@ -13,7 +13,8 @@ tokens contributed by each source, identical to AR or not.
 Writes bench/results/free_drafters_<model>.json and .md.
 
     .venv/bin/python bench/free_drafters.py --model smollm2-135m
-    .venv/bin/python bench/free_drafters.py --model qwen2.5-coder-1.5b --prompts-per-set 2 --no-genai
+    .venv/bin/python bench/free_drafters.py --model qwen2.5-coder-1.5b --sets code,copying \
+        --engines prompt-lookup,prompt-lookup+recycle,prompt-lookup+recycle+corpus
 """
 
 from __future__ import annotations
@@ -107,8 +108,13 @@ class GenaiEngine(peers.GenaiEngine):
         return {"tokens": tokens, "tps": speed, "per_step": float("nan"), "genai_stats": stats}
 
 
-def engines_for(runtime, trees: dict[str, str]) -> list:
-    """Fresh drafters (their own state) sharing the artifact's warm table and corpus index."""
+ENGINE_KEYS = ("prompt-lookup", "prompt-lookup-1", "recycle", "corpus", "prompt-lookup+recycle",
+               "prompt-lookup+recycle+corpus", "no-gate", "genai")
+
+
+def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
+    """Fresh drafters (their own state) sharing the artifact's warm table and corpus index, for the
+    chosen engine keys (`prompt-lookup-1`: prompt lookup down to one-token matches)."""
     sources = runtime.speculative.drafter.by_name
     vocab = runtime.manifest["model"]["config"]["vocab_size"]
 
@@ -120,13 +126,17 @@ def engines_for(runtime, trees: dict[str, str]) -> list:
         return CorpusDrafter(sources["corpus"].index)
 
     cost = runtime.speculative.drafter.cost  # the verify cost measured at compile time: the gate
-    engines = [FreeEngine(runtime, MergedDrafter([fresh(name)], cost), trees[name])
-               for name in ("prompt-lookup", "recycle", "corpus")]  # fmt: skip
-    for combination in ("prompt-lookup+recycle", "prompt-lookup+recycle+corpus"):
-        merged = MergedDrafter([fresh(name) for name in combination.split("+")], cost)
-        engines.append(FreeEngine(runtime, merged, trees[combination]))
-    ungated = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")])
-    engines.append(FreeEngine(runtime, ungated, trees["prompt-lookup+recycle+corpus"], " (no gate)"))
+    engines = []
+    for key in keys:
+        if key == "prompt-lookup-1":
+            merged = MergedDrafter([PromptLookupDrafter(min_ngram=1)], cost)
+            engines.append(FreeEngine(runtime, merged, trees["prompt-lookup"], " (min n-gram 1)"))
+        elif key == "no-gate":
+            ungated = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")])
+            engines.append(FreeEngine(runtime, ungated, trees["prompt-lookup+recycle+corpus"], " (no gate)"))
+        elif key != "genai":
+            merged = MergedDrafter([fresh(name) for name in key.split("+")], cost)
+            engines.append(FreeEngine(runtime, merged, trees[key]))
     return engines
 
 
@@ -176,8 +186,15 @@ def main() -> None:
     parser.add_argument("--trees", default="{}", help="JSON: drafter -> tree (overrides defaults)")
     parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (slow to build)")
     parser.add_argument("--artifact", type=Path, default=None, help="reuse (or keep) this compiled artifact")
+    parser.add_argument("--sets", default=",".join(PROMPT_SETS), help="comma-separated prompt sets")
+    parser.add_argument("--engines", default=",".join(k for k in ENGINE_KEYS if k != "prompt-lookup-1"),
+                        help=f"comma-separated, from {','.join(ENGINE_KEYS)} (our AR always runs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keys, set_names = args.engines.split(","), args.sets.split(",")
+    unknown = [k for k in keys if k not in ENGINE_KEYS] + [s for s in set_names if s not in PROMPT_SETS]
+    if unknown:
+        parser.error(f"unknown engine or set {unknown}; engines: {ENGINE_KEYS}, sets: {list(PROMPT_SETS)}")
     trees = {"prompt-lookup": "chain:4", "recycle": "k-ary:2x2", "corpus": "chain:4",
              "prompt-lookup+recycle": "k-ary:2x3", "prompt-lookup+recycle+corpus": "k-ary:2x3",
              **json.loads(args.trees)}  # fmt: skip
@@ -191,9 +208,10 @@ def main() -> None:
     compile_seconds = time.perf_counter() - start
     runtime = skiptree.load(artifact, threads=1)
     prompt_ids = {name: [runtime.encode_prompt(p, chat=chat) for p in prompts[: args.prompts_per_set]]
-                  for name, (chat, prompts) in PROMPT_SETS.items()}  # fmt: skip
-    engines = [ArEngine(runtime), *engines_for(runtime, trees),
-               *([] if args.no_genai else genai_engines(folder, 1))]  # fmt: skip
+                  for name, (chat, prompts) in PROMPT_SETS.items() if name in set_names}  # fmt: skip
+    genai = "genai" in keys and not args.no_genai
+    engines = [ArEngine(runtime), *engines_for(runtime, trees, keys),
+               *(genai_engines(folder, 1) if genai else [])]  # fmt: skip
     runs = measure(engines, prompt_ids, args.max_new_tokens, args.rounds)
     sets = {}
     for set_name, by_engine in runs.items():
