@@ -8,10 +8,12 @@ tokens/s over the prompts. Quality: (1) agreement with skiptree fp32's greedy ou
 before the first difference, and exact matches), (2) perplexity of each skiptree precision on a
 held-out passage (teacher-forced, the artifact's own logits). llama.cpp is not run:
 llama-cpp-python builds llama.cpp from source at install, which does not fit this run.
-Writes bench/results/quantized.{json,md}.
+Writes bench/results/quantized.{json,md} (a --precisions subset: quantized_<names>.{json,md}).
+Artifacts are kept under --work and reused; delete one to recompile it with the current skiptree.
 
     .venv/bin/pip install --no-deps onnxruntime-genai==0.18.0   # the peer (pyproject's bench extra)
     .venv/bin/python bench/quantized.py [--threads 1] [--max-new-tokens 64] [--draft lookup+recycle]
+    .venv/bin/python bench/quantized.py --precisions fp32,int4-requant-b128
 """
 
 from __future__ import annotations
@@ -57,14 +59,15 @@ HELD_OUT = (  # written for this benchmark: not in any training set the model sa
 )
 
 
-def build(folder: Path, work: Path, draft: str, tree: str,
-          max_seq_len: int) -> dict[str, tuple[Path, float | None]]:  # fmt: skip
-    """One speculative artifact per precision (compiled once into `work`, per drafter and tree);
-    (folder, compile s or None when it was compiled by an earlier run)."""
+def build(folder: Path, work: Path, draft: str, tree: str, max_seq_len: int,
+          names: list[str]) -> dict[str, tuple[Path, float | None]]:  # fmt: skip
+    """One speculative artifact per precision in `names` (compiled once into `work`, per drafter and
+    tree); (folder, compile s or None when it was compiled by an earlier run)."""
     built: dict[str, tuple[Path, float | None]] = {}
-    jobs = [(name, quantize, draft, work / f"{draft}-{tree}".replace(":", "_") / name)
-            for name, quantize in PRECISIONS.items()]  # fmt: skip
-    jobs += [(f"{name} {PLAIN}", PRECISIONS[name], None, work / "plain" / name) for name in PLAIN_ARTIFACTS]
+    speculative = work / f"{draft}-{tree}".replace(":", "_")
+    jobs = [(name, PRECISIONS[name], draft, speculative / name) for name in names]
+    jobs += [(f"{name} {PLAIN}", PRECISIONS[name], None, work / "plain" / name)
+             for name in PLAIN_ARTIFACTS if name in names]  # fmt: skip
     for name, quantize, drafter, out in jobs:
         built[name] = (out, None)
         if not (out / "manifest.json").is_file():
@@ -138,10 +141,16 @@ def main() -> None:
     parser.add_argument("--draft", default="lookup+recycle")
     parser.add_argument("--tree", default="k-ary:2x3")
     parser.add_argument("--work", type=Path, default=Path("bench/.work/quantized"))
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated, fp32 first (the agreement reference); a subset writes "
+                        "bench/results/quantized_<names>.*")  # fmt: skip
     args = parser.parse_args()
+    names = args.precisions.split(",")
+    if names[0] != "fp32" or any(name not in PRECISIONS for name in names):
+        parser.error(f"--precisions: fp32 first, then any of {list(PRECISIONS)[1:]}; got {names}")
     torch.set_num_threads(args.threads)
     folder = fetch("smollm2-135m")
-    built = build(folder, args.work, args.draft, args.tree, args.max_seq_len)
+    built = build(folder, args.work, args.draft, args.tree, args.max_seq_len, names)
     engines, runtimes = [], {}
     for name, (artifact, _) in built.items():
         runtimes[name] = skiptree.load(artifact, threads=args.threads, speculative=False)
@@ -183,7 +192,8 @@ def main() -> None:
               "genai": peers.genai_version(), "engines": record_engines, "artifacts": artifacts,
               "perplexity": {name: round(perplexity(rt, HELD_OUT), 3) for name, rt in runtimes.items()},
               "prompt_ids": prompt_ids}  # fmt: skip
-    peers.save_results("quantized", record, markdown(record))
+    stem = "quantized" if names == list(PRECISIONS) else "_".join(["quantized", *names[1:]])
+    peers.save_results(stem, record, markdown(record))
 
 
 if __name__ == "__main__":
