@@ -85,7 +85,7 @@ def measure_verify_ms(runtime: Runtime, nodes: int, prefix: int, repeats: int = 
     if "hidden" in spec.verify_graph.session_inputs:  # a prefix exit verifies from hidden states
         size = runtime.manifest["model"]["config"]["hidden_size"]
         hidden = np.zeros((nodes + 1, size), dtype=runtime.step_model.cache.dtype)
-    return _median_ms(lambda: spec._verify(5, tokens, parents, True, hidden), repeats)
+    return _median_ms(lambda: spec._verify([5], tokens, parents, True, hidden), repeats)
 
 
 def measure_draft_level_ms(runtime: Runtime, width: int, prefix: int, repeats: int = 7) -> float:

@@ -45,10 +45,11 @@ class MergedDrafter:
     def wants_logits(self) -> bool:
         return any(getattr(source, "wants_logits", False) for source in self.sources)
 
-    def observe_logits(self, tokens: list[int], logits: np.ndarray) -> None:
+    def observe_logits(self, tokens: list[int], logits: np.ndarray,
+                       previous: list[int] | None = None) -> None:  # fmt: skip
         for source in self.sources:
             if getattr(source, "wants_logits", False):
-                source.observe_logits(tokens, logits)
+                source.observe_logits(tokens, logits, previous)
 
     def ranked(self) -> list[CandidateSource]:
         """Sources best first by acceptance at rank 0 (stable: ties keep the order given)."""

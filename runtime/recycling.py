@@ -7,8 +7,20 @@ breadth-first expansion from the last emitted token: a node's children are its t
 best first, as many as the tree shape gives it. Acceptance is decided by the target as for any
 drafter, so decoding stays lossless; a stale or empty row only drafts less.
 
-Memory is bounded by construction: one int32 row of `width` candidates per vocabulary token
-(49152 x 8 x 4 bytes = 1.5 MB for SmolLM2), allocated once; nothing grows with the text.
+Two refinements over the paper's table. (1) A pair cache: the candidates last seen after a token
+*and the token before it*, preferred over the token's own row when present (its proposals carry
+evidence 2, so the gate measures their acceptance apart). A token's row mixes every context it
+appeared in; a pair is nearly a context, so when the text repeats itself (copying, a function
+called again) the pair row is the target's prediction for that very place. (2) The prompt's rows:
+prefill computes the target's logits at every prompt token anyway, and all of them are recorded,
+not only the last: copied text is then drafted as the target would continue it there. Simulated
+on SmolLM2's greedy outputs (chain:4, recycling alone): copying 1.22 -> 1.38 tokens a step with the
+prompt's rows, 1.49 with the pair cache too; code 1.21 -> 1.24 -> 1.27.
+
+Memory is bounded by construction, allocated once, nothing grows with the text: one int32 row of
+`width` candidates per vocabulary token (49152 x 8 x 4 bytes = 1.5 MB for SmolLM2), and a
+direct-mapped pair cache of `PAIR_SLOTS` rows (an int64 key and an int32 row each: 2.6 MB; a new
+pair overwrites whichever pair shared its slot).
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import TreeShape
 
 EMPTY = -1
+PAIR_SLOTS = 1 << 16
 TABLE_FILE = "recycle_table.safetensors"  # a warm table in the artifact (compiler/recycle_warm.py)
 
 
@@ -58,11 +71,14 @@ class RecyclingDrafter:
     """Token Recycling over a fixed [vocab_size, width] table (see the module doc)."""
 
     name = "recycle"
-    matched = 0  # a table row rests on one token: no match length to speak of
+    matched = 0  # the evidence of the last candidates: 2 from the pair cache, else 0 (one token)
     wants_logits = True  # the decoder hands it the verify step's logits (`observe_logits`)
 
-    def __init__(self, vocab_size: int, width: int = 8, table: np.ndarray | None = None):
+    def __init__(self, vocab_size: int, width: int = 8, table: np.ndarray | None = None,
+                 pair_slots: int = PAIR_SLOTS):  # fmt: skip
         self.table = np.full((vocab_size, width), EMPTY, dtype=np.int32)
+        self.pair_keys = np.full(pair_slots, EMPTY, dtype=np.int64)  # previous * vocab + token
+        self.pair_rows = np.full((pair_slots, width), EMPTY, dtype=np.int32)
         if table is not None:  # a warm start (the artifact's table)
             if table.shape != self.table.shape or table.dtype != np.int32:
                 raise ValueError(f"a recycling table of shape {table.shape} {table.dtype} does not fit "
@@ -75,19 +91,41 @@ class RecyclingDrafter:
 
     @property
     def nbytes(self) -> int:
-        return self.table.nbytes
+        return self.table.nbytes + self.pair_keys.nbytes + self.pair_rows.nbytes
 
-    def observe_logits(self, tokens: list[int], logits: np.ndarray) -> None:
-        """Node tokens [n] and the target's logits after each [n, V]: replace their rows."""
-        self.table[np.asarray(tokens, dtype=np.int64)] = top_candidates(logits, self.width)
+    def pair_slot(self, keys: np.ndarray) -> np.ndarray:
+        """Fibonacci hashing of pair keys onto the cache's slots."""
+        mixed = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps: a multiplicative hash
+        return (mixed >> np.uint64(40)).astype(np.int64) % len(self.pair_keys)
+
+    def observe_logits(self, tokens: list[int], logits: np.ndarray,
+                       previous: list[int] | None = None) -> None:  # fmt: skip
+        """Node tokens [n] and the target's logits after each [n, V]: replace their rows; with the
+        token before each node (`previous`, -1 where none), their pairs' rows too."""
+        rows = top_candidates(logits, self.width)
+        ids = np.asarray(tokens, dtype=np.int64)
+        self.table[ids] = rows
+        if previous is not None:
+            before = np.asarray(previous, dtype=np.int64)
+            known = before >= 0
+            keys = before[known] * len(self.table) + ids[known]
+            slots = self.pair_slot(keys)
+            self.pair_keys[slots], self.pair_rows[slots] = keys, rows[known]
 
     def prepare(self, context: list[int]) -> None:
         """Nothing to do: the table is updated from the verify logits (`observe_logits`)."""
 
     def candidates(self, context: list[int], path: list[int], limit: int) -> list[int]:
-        """The recorded candidates after the node's token (the last of context + path)."""
-        row = self.table[path[-1] if path else context[-1], :limit]
-        return [int(t) for t in row if t != EMPTY]
+        """The candidates recorded after the node's token and the one before it, else after the
+        node's token alone (the last of context + path)."""
+        sequence = context[-2:] + path
+        row, self.matched = self.table[sequence[-1]], 0
+        if len(sequence) > 1:
+            key = sequence[-2] * len(self.table) + sequence[-1]
+            slot = int(self.pair_slot(np.asarray([key]))[0])
+            if self.pair_keys[slot] == key:
+                row, self.matched = self.pair_rows[slot], 2
+        return [int(t) for t in row[:limit] if t != EMPTY]
 
     def propose(self, context: list[int], shape: TreeShape, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:  # fmt: skip

@@ -73,10 +73,11 @@ class SpeculativeDecoder:
         return SpeculativeDecoder(self.step, self.verify_graph, self.compact_graph, drafter or self.drafter,
                                   shape)  # fmt: skip
 
-    def _verify(self, root: int, tokens: list[int], parents: list[int], greedy: bool,
+    def _verify(self, context: list[int], tokens: list[int], parents: list[int], greedy: bool,
                 hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
         """(next_ids [n + 1] or logits [n + 1, V], and the target's features [n + 1, H] when the
-        drafter drafts from them)."""
+        drafter drafts from them). The tree's root is the context's last token."""
+        root = context[-1]
         cache = self.step.cache
         inputs = {"tokens": np.asarray([[root, *tokens]], dtype=np.int64),
                   "parents": np.asarray([0, *(p + 1 for p in parents)], dtype=np.int64),
@@ -94,7 +95,8 @@ class SpeculativeDecoder:
         values = {name: first_rows(name, value, rows)
                   for name, value in zip(outputs, self.verify_graph.run(inputs, outputs), strict=True)}
         if self.wants_logits:  # Token Recycling: the target's candidates after every node
-            self.drafter.observe_logits([root, *tokens], values["logits"][0])
+            previous = [context[-2] if len(context) > 1 else -1, *(([root, *tokens])[p + 1] for p in parents)]
+            self.drafter.observe_logits([root, *tokens], values["logits"][0], previous)
         target = values["next_ids"] if greedy else values["logits"][0]
         return target, (values["features"][0] if self.wants_features else None)
 
@@ -108,12 +110,14 @@ class SpeculativeDecoder:
 
     def _prefill(self, prompt_ids: list[int]) -> np.ndarray:
         """The prompt's last logits; a feature drafter gets the prompt's features, a recycling
-        drafter the candidates after the prompt's last token."""
+        drafter the candidates after every prompt token (prefill computes them anyway)."""
+        if self.wants_logits:
+            self.step.cache.length = 0
+            logits = self.step.forward(prompt_ids, ("logits",))[0]
+            self.drafter.observe_logits(prompt_ids, logits, [-1, *prompt_ids[:-1]])
+            return logits[-1]
         if not self.wants_features:
-            logits = self.step.prefill(prompt_ids)
-            if self.wants_logits:
-                self.drafter.observe_logits(prompt_ids[-1:], logits[None])
-            return logits
+            return self.step.prefill(prompt_ids)
         self.step.cache.length = 0
         logits, features = self.step.forward(prompt_ids, ("logits", "features"))
         self.drafter.observe(features, reset=True)
@@ -142,7 +146,7 @@ class SpeculativeDecoder:
             else:
                 logits = self.step.forward([root], ("logits",))[0]
                 if self.wants_logits:
-                    self.drafter.observe_logits([root], logits)
+                    self.drafter.observe_logits([root], logits, context[-2:-1] or [-1])
             new = [choose_token(logits[-1], sampling, rng)]
             accepted: list[int] = []
             sources: list[str] = []
@@ -150,7 +154,7 @@ class SpeculativeDecoder:
         else:
             full = [root, *tokens]
             children = children_of([0, *(p + 1 for p in parents)])
-            target, features = self._verify(root, tokens, parents, not sampling.do_sample, draft.hidden)
+            target, features = self._verify(context, tokens, parents, not sampling.do_sample, draft.hidden)
             if sampling.do_sample:
                 probs = np.stack([sampling_probabilities(row, sampling) for row in target])
                 result = accept_sampling(full, children, probs, draft.child_probs[: keep + 1], rng)

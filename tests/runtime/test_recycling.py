@@ -11,7 +11,7 @@ import skiptree
 from skiptree.compiler.compile import compile_model
 from skiptree.compiler.options import CompileOptions
 from skiptree.runtime.draft_gate import VerifyCost
-from skiptree.runtime.recycling import EMPTY, RecyclingDrafter, top_candidates
+from skiptree.runtime.recycling import EMPTY, PAIR_SLOTS, RecyclingDrafter, top_candidates
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import parse_tree
 
@@ -54,12 +54,44 @@ def test_the_table_is_bounded_and_drafts_the_shape_breadth_first():
     logits[2, 9] = 1.0  # after token 8: 9 first
     for _ in range(50):  # observing never grows it
         drafter.observe_logits([4, 7, 8], logits)
-    assert drafter.nbytes == size == 10 * 2 * 4 and drafter.table.shape == (10, 2)
+    assert drafter.nbytes == size == 10 * 2 * 4 + PAIR_SLOTS * (8 + 2 * 4) and drafter.table.shape == (10, 2)
     draft = drafter.propose([1, 2, 4], parse_tree("k-ary:2x2"), SamplingConfig(), np.random.default_rng(0))
     assert draft.tokens == [7, 8, 5, 6, 9, 0] and draft.parents == [-1, -1, 0, 0, 1, 1]
     empty = RecyclingDrafter(vocab_size=10, width=2)
     assert (empty.table == EMPTY).all()
     assert empty.propose([3], parse_tree("chain:3"), SamplingConfig(), np.random.default_rng(0)).tokens == []
+
+
+def test_a_pair_row_is_preferred_to_the_token_row_and_the_cache_stays_bounded():
+    drafter = RecyclingDrafter(vocab_size=10, width=2, pair_slots=4)
+    size = drafter.nbytes
+    logits = np.zeros((2, 10), dtype=np.float32)
+    logits[0, [7, 8]] = [2.0, 1.0]  # after 3 then 4: 7, then 8
+    logits[1, [5, 6]] = [2.0, 1.0]  # after 2 then 4: 5, then 6 (token 4's own row: the latest, 5 6)
+    drafter.observe_logits([4, 4], logits, [3, 2])
+    assert drafter.candidates([1, 3, 4], [], 2) == [7, 8] and drafter.matched == 2  # the pair (3, 4)
+    assert drafter.candidates([1, 2, 4], [], 2) == [5, 6] and drafter.matched == 2
+    assert drafter.candidates([1, 9, 4], [], 1) == [5] and drafter.matched == 0  # no pair: the token row
+    assert drafter.candidates([4], [], 2) == [5, 6] and drafter.matched == 0  # nothing before it
+    assert drafter.candidates([1], [3, 4], 2) == [7, 8]  # a path continues the context
+    for before in range(10):  # more pairs than slots: old ones are overwritten, nothing grows
+        drafter.observe_logits([4], logits[1:], [before])
+    assert drafter.nbytes == size and (drafter.pair_keys >= 0).sum() <= 4
+
+
+def test_prefill_records_every_prompt_token_and_its_pair(recycling):
+    speculative, _ = recycling
+    prompt = [11, 12, 13, 14, 15, 16]
+    decoder = speculative.speculative.with_tree(parse_tree("chain:1"), RecyclingDrafter(speculative.manifest[
+        "model"]["config"]["vocab_size"]))  # fmt: skip
+    decoder.generate(prompt, max_new_tokens=1)
+    step = speculative.step_model
+    step.cache.length = 0
+    expected = top_candidates(step.forward(prompt, ("logits",))[0], 8)
+    drafter = decoder.drafter
+    np.testing.assert_array_equal(drafter.table[prompt], expected)
+    for before, token, row in zip(prompt[:-1], prompt[1:], expected[1:], strict=True):
+        assert drafter.candidates([before, token], [], 8) == row.tolist() and drafter.matched == 2
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
