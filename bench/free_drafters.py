@@ -109,18 +109,20 @@ class GenaiEngine(peers.GenaiEngine):
 
 
 ENGINE_KEYS = ("prompt-lookup", "prompt-lookup-1", "recycle", "corpus", "prompt-lookup+recycle",
-               "prompt-lookup+recycle+corpus", "no-gate", "genai")
+               "prompt-lookup-1+recycle", "prompt-lookup+recycle+corpus", "prompt-lookup-1+recycle+corpus",
+               "no-gate", "genai")
 
 
 def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
     """Fresh drafters (their own state) sharing the artifact's warm table and corpus index, for the
-    chosen engine keys (`prompt-lookup-1`: prompt lookup down to one-token matches)."""
+    chosen engine keys (`prompt-lookup-1`: prompt lookup down to one-token matches; it takes the
+    tree of the same key with `prompt-lookup`)."""
     sources = runtime.speculative.drafter.by_name
     vocab = runtime.manifest["model"]["config"]["vocab_size"]
 
     def fresh(name: str):
-        if name == "prompt-lookup":
-            return PromptLookupDrafter()
+        if name.startswith("prompt-lookup"):
+            return PromptLookupDrafter(min_ngram=1 if name == "prompt-lookup-1" else 2)
         if name == "recycle":
             return RecyclingDrafter(vocab, table=sources["recycle"].table.copy())
         return CorpusDrafter(sources["corpus"].index)
@@ -128,15 +130,14 @@ def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
     cost = runtime.speculative.drafter.cost  # the verify cost measured at compile time: the gate
     engines = []
     for key in keys:
-        if key == "prompt-lookup-1":
-            merged = MergedDrafter([PromptLookupDrafter(min_ngram=1)], cost)
-            engines.append(FreeEngine(runtime, merged, trees["prompt-lookup"], " (min n-gram 1)"))
-        elif key == "no-gate":
+        if key == "no-gate":
             ungated = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")])
             engines.append(FreeEngine(runtime, ungated, trees["prompt-lookup+recycle+corpus"], " (no gate)"))
         elif key != "genai":
             merged = MergedDrafter([fresh(name) for name in key.split("+")], cost)
-            engines.append(FreeEngine(runtime, merged, trees[key]))
+            note = " (min n-gram 1)" if "prompt-lookup-1" in key else ""
+            tree = trees[key.replace("prompt-lookup-1", "prompt-lookup")]
+            engines.append(FreeEngine(runtime, merged, tree, note))
     return engines
 
 
@@ -187,7 +188,7 @@ def main() -> None:
     parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (slow to build)")
     parser.add_argument("--artifact", type=Path, default=None, help="reuse (or keep) this compiled artifact")
     parser.add_argument("--sets", default=",".join(PROMPT_SETS), help="comma-separated prompt sets")
-    parser.add_argument("--engines", default=",".join(k for k in ENGINE_KEYS if k != "prompt-lookup-1"),
+    parser.add_argument("--engines", default=",".join(k for k in ENGINE_KEYS if "prompt-lookup-1" not in k),
                         help=f"comma-separated, from {','.join(ENGINE_KEYS)} (our AR always runs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
