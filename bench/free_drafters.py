@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--prompts-per-set", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per prompt; above 1 a drafter's state remembers the prompt's last round")
     parser.add_argument("--trees", default="{}", help="JSON: drafter -> tree (overrides defaults)")
     parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (slow to build)")
     parser.add_argument("--artifact", type=Path, default=None, help="reuse (or keep) this compiled artifact")
