@@ -33,17 +33,15 @@ from skiptree.runtime.tree import TreeShape
 
 EMPTY = -1
 PAIR_SLOTS = 1 << 16
-TABLE_FILE = "recycle_table.safetensors"  # a warm table in the artifact (compiler/recycle_warm.py)
-
-
 LANES = 32  # the strided top-k's lane count (see `top_candidates`)
+TABLE_FILE = "recycle_table.safetensors"  # a warm table in the artifact (compiler/recycle_warm.py)
 
 
 def top_candidates(logits: np.ndarray, width: int) -> np.ndarray:
     """[rows, width] token ids of each row's `width` largest logits, best first.
 
     Why not one argpartition over the vocabulary: it costs ~0.15 ms a row at V = 49152 (over a
-    millisecond for an 8-node tree: 5% of a SmolLM2 step). Instead the row is cut into `LANES`
+    millisecond for an 8-node tree: 6-7% of a SmolLM2 step). Instead the row is cut into `LANES`
     strided slices of V / LANES columns; an element-wise max over them (vectorised) gives each
     column's best, and the `width` best columns hold the `width` largest logits (each of those
     lies in a column whose best is at least as large, and fewer than `width` columns can beat

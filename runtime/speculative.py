@@ -95,8 +95,9 @@ class SpeculativeDecoder:
         values = {name: first_rows(name, value, rows)
                   for name, value in zip(outputs, self.verify_graph.run(inputs, outputs), strict=True)}
         if self.wants_logits:  # Token Recycling: the target's candidates after every node
-            previous = [context[-2] if len(context) > 1 else -1, *(([root, *tokens])[p + 1] for p in parents)]
-            self.drafter.observe_logits([root, *tokens], values["logits"][0], previous)
+            nodes = [root, *tokens]  # each node's previous token: its parent's (the root's: the context's)
+            previous = [*(context[-2:-1] or [-1]), *(nodes[p + 1] for p in parents)]
+            self.drafter.observe_logits(nodes, values["logits"][0], previous)
         target = values["next_ids"] if greedy else values["logits"][0]
         return target, (values["features"][0] if self.wants_features else None)
 
