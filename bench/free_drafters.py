@@ -124,7 +124,7 @@ def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
         if name.startswith("prompt-lookup"):
             return PromptLookupDrafter(min_ngram=1 if name == "prompt-lookup-1" else 2)
         if name == "recycle":
-            return RecyclingDrafter(vocab, table=sources["recycle"].table.copy())
+            return RecyclingDrafter(vocab, state=sources["recycle"].state())  # copied in
         return CorpusDrafter(sources["corpus"].index)
 
     cost = runtime.speculative.drafter.cost  # the verify cost measured at compile time: the gate

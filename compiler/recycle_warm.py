@@ -2,8 +2,9 @@
 
 The table (`skiptree.runtime.recycling`) starts empty and fills as decoding runs; an artifact can
 instead start from what the target predicts after every token of the calibration prompts and of
-its greedy answers to them (eager torch, a few seconds). Saved as `recycle_table.safetensors`
-(int32, no pickle) and checked by the manifest's sha256 like every artifact file.
+its greedy answers to them (eager torch, a few seconds): the token table and the pair cache (each
+token with the one before it). Saved as `recycle_table.safetensors` (int32 rows, int64 pair keys;
+no pickle; 4.1 MB at SmolLM2's vocabulary) and checked by the manifest's sha256 like every artifact file.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from skiptree.models.reference import ReferenceStepper
 from skiptree.runtime.recycling import EMPTY, TABLE_FILE, RecyclingDrafter
 
 
-def warm_table(model: CausalLM, prompts: list[list[int]], max_seq_len: int, new_tokens: int = 32,
-               width: int = 8) -> np.ndarray:  # fmt: skip
-    """The [vocab, width] table after observing each prompt and `new_tokens` greedy tokens."""
+def warm_state(model: CausalLM, prompts: list[list[int]], max_seq_len: int, new_tokens: int = 32,
+               width: int = 8) -> dict[str, np.ndarray]:  # fmt: skip
+    """The drafter's arrays (the [vocab, width] table and the pair cache) after observing each
+    prompt and `new_tokens` greedy tokens, every token with the one before it."""
     drafter = RecyclingDrafter(model.config.vocab_size, width)
     stepper = ReferenceStepper(model, max_seq_len=max_seq_len)
     with torch.no_grad():
@@ -30,19 +32,20 @@ def warm_table(model: CausalLM, prompts: list[list[int]], max_seq_len: int, new_
             ids = ids[: max_seq_len - 1]
             stepper.length = 0
             logits = stepper.forward(ids).float().numpy()
-            drafter.observe_logits(ids, logits)
-            token = int(np.argmax(logits[-1]))
+            drafter.observe_logits(ids, logits, [EMPTY, *ids[:-1]])
+            previous, token = ids[-1], int(np.argmax(logits[-1]))
             for _ in range(min(new_tokens, max_seq_len - len(ids) - 1)):
                 row = stepper.decode(token)
-                drafter.observe_logits([token], row[None])
-                token = int(np.argmax(row))
-    return drafter.table
+                drafter.observe_logits([token], row[None], [previous])
+                previous, token = token, int(np.argmax(row))
+    return drafter.state()
 
 
 def write_warm_table(model: CausalLM, prompts: list[list[int]], folder: Path, max_seq_len: int
                      ) -> dict[str, Any]:  # fmt: skip
-    """Warm the table into `folder`; returns the manifest's `recycle` entry."""
-    table = warm_table(model, prompts, max_seq_len)
-    save_file({"table": table}, str(Path(folder) / TABLE_FILE))
-    return {"file": TABLE_FILE, "width": int(table.shape[1]), "warm_prompts": len(prompts),
-            "rows_filled": int((table[:, 0] != EMPTY).sum())}  # fmt: skip
+    """Warm the table and pair cache into `folder`; returns the manifest's `recycle` entry."""
+    state = warm_state(model, prompts, max_seq_len)
+    save_file(state, str(Path(folder) / TABLE_FILE))
+    return {"file": TABLE_FILE, "width": int(state["table"].shape[1]), "warm_prompts": len(prompts),
+            "rows_filled": int((state["table"][:, 0] != EMPTY).sum()),
+            "pairs_filled": int((state["pair_keys"] != EMPTY).sum())}  # fmt: skip

@@ -68,8 +68,8 @@ class Runtime(TextGenerator):
             return PromptLookupDrafter()
         if name == "recycle":
             warm = spec.get("recycle")
-            table = load_file(str(self.folder / warm["file"]))["table"] if warm else None
-            return RecyclingDrafter(self.manifest["model"]["config"]["vocab_size"], table=table)
+            state = load_file(str(self.folder / warm["file"])) if warm else {}  # older: no pair cache
+            return RecyclingDrafter(self.manifest["model"]["config"]["vocab_size"], state=state)
         if name == "corpus":
             stored = load_file(str(self.folder / spec["corpus"]["file"]))
             return CorpusDrafter(CorpusIndex(stored["tokens"], stored["suffix_array"]))

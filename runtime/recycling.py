@@ -35,6 +35,7 @@ EMPTY = -1
 PAIR_SLOTS = 1 << 16
 LANES = 32  # the strided top-k's lane count (see `top_candidates`)
 TABLE_FILE = "recycle_table.safetensors"  # a warm table in the artifact (compiler/recycle_warm.py)
+STATE_ARRAYS = ("table", "pair_keys", "pair_rows")  # what a warm start saves
 
 
 def top_candidates(logits: np.ndarray, width: int) -> np.ndarray:
@@ -72,16 +73,22 @@ class RecyclingDrafter:
     matched = 0  # the evidence of the last candidates: 2 from the pair cache, else 0 (one token)
     wants_logits = True  # the decoder hands it the verify step's logits (`observe_logits`)
 
-    def __init__(self, vocab_size: int, width: int = 8, table: np.ndarray | None = None,
-                 pair_slots: int = PAIR_SLOTS):  # fmt: skip
+    def __init__(self, vocab_size: int, width: int = 8, pair_slots: int = PAIR_SLOTS,
+                 state: dict[str, np.ndarray] | None = None):  # fmt: skip
         self.table = np.full((vocab_size, width), EMPTY, dtype=np.int32)
         self.pair_keys = np.full(pair_slots, EMPTY, dtype=np.int64)  # previous * vocab + token
         self.pair_rows = np.full((pair_slots, width), EMPTY, dtype=np.int32)
-        if table is not None:  # a warm start (the artifact's table)
-            if table.shape != self.table.shape or table.dtype != np.int32:
-                raise ValueError(f"a recycling table of shape {table.shape} {table.dtype} does not fit "
-                                 f"{self.table.shape} int32")  # fmt: skip
-            self.table[:] = table
+        for name, warm in (state or {}).items():  # a warm start (the artifact's `state()`, any part)
+            mine = getattr(self, name) if name in STATE_ARRAYS else None
+            if mine is None or warm.shape != mine.shape or warm.dtype != mine.dtype:
+                raise ValueError(f"a recycling {name} of shape {warm.shape} {warm.dtype} does not fit "
+                                 f"{mine.shape if mine is not None else 'this drafter'} "
+                                 f"{mine.dtype if mine is not None else ''}".rstrip())  # fmt: skip
+            mine[:] = warm  # copied into the arrays above: the memory bound holds
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The arrays a warm start saves (safetensors): the token table and the pair cache."""
+        return {name: getattr(self, name) for name in STATE_ARRAYS}
 
     @property
     def width(self) -> int:

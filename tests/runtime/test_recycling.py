@@ -114,22 +114,48 @@ def test_recycled_candidates_get_accepted(recycling):
 
 
 def test_the_warm_table_round_trips_through_the_artifact(recycling, tiny_artifact):
-    """Compile-time warm start on the calibration prompts: saved (safetensors), loaded as saved."""
+    """Compile-time warm start on the calibration prompts: the table and the pair cache, saved
+    (safetensors), loaded as saved."""
     from safetensors.numpy import load_file
 
     from skiptree.compiler.compile import calibration_prompts
-    from skiptree.compiler.recycle_warm import warm_table
+    from skiptree.compiler.recycle_warm import warm_state
     from skiptree.models.loader import load_model
     from skiptree.runtime.tokenizer import Tokenizer
 
     speculative, _ = recycling
     entry = speculative.manifest["speculative"]["recycle"]
     assert entry["file"] in speculative.manifest["files"] and entry["rows_filled"] > 0
-    saved = load_file(str(speculative.folder / entry["file"]))["table"]
+    saved = load_file(str(speculative.folder / entry["file"]))
+    assert entry["pairs_filled"] == int((saved["pair_keys"] != EMPTY).sum()) > 0
     folder, _ = tiny_artifact
     prompts = calibration_prompts(CompileOptions(), Tokenizer.from_folder(folder))
-    np.testing.assert_array_equal(saved, warm_table(load_model(folder), prompts, 48))  # deterministic
-    fresh = skiptree.load(speculative.folder)
-    np.testing.assert_array_equal(fresh.speculative.drafter.by_name["recycle"].table, saved)
-    with pytest.raises(ValueError, match="does not fit"):
-        RecyclingDrafter(vocab_size=5, table=saved)
+    again = warm_state(load_model(folder), prompts, 48)  # deterministic
+    for name, array in saved.items():
+        np.testing.assert_array_equal(array, again[name])
+    loaded = skiptree.load(speculative.folder).speculative.drafter.by_name["recycle"]
+    for name, array in loaded.state().items():
+        np.testing.assert_array_equal(array, saved[name])
+    with pytest.raises(ValueError, match="recycling table .* does not fit"):
+        RecyclingDrafter(vocab_size=5, state={"table": saved["table"]})
+    with pytest.raises(ValueError, match="recycling pair_keys .* does not fit"):
+        RecyclingDrafter(vocab_size=len(saved["table"]), pair_slots=16, state=saved)
+
+
+def test_a_warm_pair_row_drafts_the_calibration_continuation(tiny_artifact):
+    """The warm pair cache holds what the target predicted after a calibration pair: a fresh
+    decoder drafts it on the first step, before any verify step has run."""
+    from skiptree.compiler.recycle_warm import warm_state
+    from skiptree.models.loader import load_model
+
+    folder, _ = tiny_artifact
+    prompt = [3, 9, 4, 11, 7, 4, 2]  # token 4 twice: its own row is the second, the pair (9, 4) the first
+    state = warm_state(load_model(folder), [prompt], 48, new_tokens=0)
+    warm = RecyclingDrafter(len(state["table"]), state=state)
+    cold = RecyclingDrafter(len(state["table"]), state={"table": state["table"]})
+    slot = int(warm.pair_slot(np.asarray([9 * len(state["table"]) + 4]))[0])
+    first, second = state["pair_rows"][slot].tolist(), state["table"][4].tolist()
+    assert first != second and -1 not in first
+    assert warm.candidates([3, 9], [4], 8) == first and warm.matched == 2
+    assert cold.candidates([3, 9], [4], 8) == second and cold.matched == 0
+    assert warm.candidates([5], [4], 8) == second  # the pair (5, 4) was never seen
