@@ -235,7 +235,8 @@ def main() -> None:
               "compile_seconds": round(compile_seconds, 1), "sets": sets,
               "corpus": runtime.manifest["speculative"]["corpus"],
               "prompts": {s: PROMPT_SETS[s][1][: args.prompts_per_set] for s in prompt_ids}}
-    peers.save_results(f"free_drafters_{args.model}", record, write_markdown(record))
+    subset = "" if set(set_names) == set(PROMPT_SETS) else "_" + "-".join(set_names)  # keep the full run's
+    peers.save_results(f"free_drafters_{args.model}{subset}", record, write_markdown(record))
 
 
 if __name__ == "__main__":
