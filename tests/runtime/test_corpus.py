@@ -67,6 +67,24 @@ def test_find_returns_exactly_the_occurrences(documents, pattern):
     assert sorted(index.suffixes[lo:hi].tolist()) == expected
 
 
+@settings(max_examples=80, deadline=None)
+@given(documents=st.lists(st.lists(st.integers(0, 3), max_size=12), min_size=1, max_size=4),
+       context=st.lists(st.integers(0, 3), max_size=10), min_match=st.integers(1, 3))  # fmt: skip
+def test_match_finds_the_longest_occurring_context_suffix(documents, context, min_match):
+    """Against a brute force over every length (the search itself stops at the first miss)."""
+    index = CorpusIndex.build(documents)
+    tokens = index.tokens.tolist()
+
+    def occurs(length: int) -> bool:
+        pattern = context[len(context) - length :]
+        return any(tokens[i : i + length] == pattern for i in range(len(tokens)))
+
+    lengths = [n for n in range(min_match, min(6, len(context)) + 1) if occurs(n)]
+    lo, hi, length = index.match(context, 6, min_match)
+    assert length == max(lengths, default=0)
+    assert (lo, hi) == (index.find(context[len(context) - length :]) if length else (0, 0))
+
+
 def test_the_drafter_proposes_the_longest_matchs_continuations_by_frequency():
     index = CorpusIndex.build([[1, 2, 3, 5, 6], [1, 2, 3, 5, 7], [1, 2, 3, 4]])
     assert index.tokens.tolist()[-1] == SEPARATOR and len(index) == 17
