@@ -7,7 +7,9 @@ ranked by measured acceptance), all behind the per-step gate (the merged one als
 onnxruntime-genai plain and with its n-gram speculation (its own model of the same checkpoint; fp32).
 Each drafter keeps its state across the set's prompts as a server would (the recycling table starts
 from the artifact's warm table). The corpus is the Python standard library's top-level modules (the
-code a code assistant is asked about). Prompt sets: chat, code, copying of bench/speculative.py.
+code a code assistant is asked about), or with `--corpus answers:N` the target's own greedy
+answers to N requests made from the standard library's docstrings (how this model writes; none
+of them is a benchmark prompt). Prompt sets: chat, code, copying of bench/speculative.py.
 Per (set, engine): median tokens/s, median per-prompt speed-up over our AR, tokens per target step,
 tokens contributed by each source, identical to AR or not.
 Writes bench/results/free_drafters_<model>.json and .md.
@@ -47,6 +49,7 @@ from decode_speed import versions  # noqa: E402
 from speculative import AR, PROMPT_SETS, ArEngine, measure, summarise  # noqa: E402
 
 CORPUS_BYTES = 8 << 20
+STDLIB = "the Python standard library"
 
 
 def stdlib_corpus() -> Path:
@@ -63,6 +66,35 @@ def stdlib_corpus() -> Path:
                 break
             shutil.copy2(file, partial / file.name)
         partial.rename(dest)
+    return dest
+
+
+def answers_corpus(model: str, folder: Path, count: int, new_tokens: int = 128) -> Path:
+    """The target's own greedy answers (eager torch, batched) to `count` requests made from the
+    standard library's docstrings (compiler/self_distill.py; none is a benchmark prompt), one text
+    file each, made once: a corpus of how this model writes, for `--corpus answers:N`."""
+    from skiptree.compiler.self_distill import distill, docstring_prompts
+    from skiptree.models.loader import load_model
+    from skiptree.runtime.generator import read_eos_token_ids
+    from skiptree.runtime.tokenizer import Tokenizer
+
+    dest = skiptree_home() / "bench" / f"corpus-answers-{model}-{count}x{new_tokens}"
+    if dest.is_dir():
+        return dest
+    tokenizer = Tokenizer.from_folder(folder)
+    requests = [tokenizer.apply_chat_template([{"role": "user", "content": text}])
+                for text in docstring_prompts(count, seed=1)]  # fmt: skip
+    start = time.perf_counter()
+    torch.set_num_threads(2)  # made once, not timed against anything
+    answers = distill(load_model(folder), requests, new_tokens, eos=read_eos_token_ids(folder, tokenizer))
+    torch.set_num_threads(1)
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for i, (prompt_length, sequence) in enumerate(answers):
+        (partial / f"answer_{i:04d}.txt").write_text(tokenizer.decode(sequence[prompt_length:]))
+    partial.rename(dest)
+    print(f"answers corpus: {count} answers in {time.perf_counter() - start:.0f} s -> {dest}", flush=True)
     return dest
 
 
@@ -159,7 +191,7 @@ def write_markdown(record: dict) -> str:
              "median over the set's prompts; speed-up = median over prompts of engine / our AR tokens/s; "
              "tokens/step = tokens emitted per target step; by source = tokens each draft source "
              "contributed (target = the target's own: bonus tokens and plain steps). "
-             f"Corpus: {record['corpus']['documents']} files of the Python standard library, "
+             f"Corpus: {record['corpus']['documents']} files of {record.get('corpus_kind', STDLIB)}, "
              f"{record['corpus']['tokens']:,} tokens, built in {record['corpus']['build_seconds']} s.", ""]
     for set_name, engines in record["sets"].items():
         n = len(record["prompts"][set_name])
@@ -189,6 +221,9 @@ def main() -> None:
     parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (slow to build)")
     parser.add_argument("--artifact", type=Path, default=None, help="reuse (or keep) this compiled artifact")
     parser.add_argument("--sets", default=",".join(PROMPT_SETS), help="comma-separated prompt sets")
+    parser.add_argument("--corpus", default="stdlib",
+                        help="stdlib (its top-level modules) or answers:N (the target's own answers to N "
+                             "docstring requests, generated once)")  # fmt: skip
     parser.add_argument("--engines", default=",".join(k for k in ENGINE_KEYS if "prompt-lookup-1" not in k),
                         help=f"comma-separated, from {','.join(ENGINE_KEYS)} (our AR always runs)")
     args = parser.parse_args()
@@ -200,8 +235,14 @@ def main() -> None:
     trees = {"prompt-lookup": "chain:4", "recycle": "k-ary:2x2", "corpus": "chain:4",
              "prompt-lookup+recycle": "k-ary:2x3", "prompt-lookup+recycle+corpus": "k-ary:2x3",
              **json.loads(args.trees)}  # fmt: skip
-    folder, corpus = fetch(args.model), stdlib_corpus()
-    artifact = args.artifact or skiptree_home() / "bench" / f"free-drafters-{args.model}"
+    folder = fetch(args.model)
+    if args.corpus == "stdlib":
+        corpus, tag, corpus_kind = stdlib_corpus(), "", STDLIB
+    else:
+        count = int(args.corpus.removeprefix("answers:"))
+        corpus, tag = answers_corpus(args.model, folder, count), f"_answers{count}"
+        corpus_kind = f"the target's own greedy answers to {count} requests from stdlib docstrings"
+    artifact = args.artifact or skiptree_home() / "bench" / f"free-drafters-{args.model}{tag}"
     start = time.perf_counter()
     if not (artifact / "manifest.json").is_file():
         draft = f"lookup+recycle+corpus:{corpus}"
@@ -233,10 +274,10 @@ def main() -> None:
               "max_seq_len": args.max_seq_len, "rounds": args.rounds, "cpu": cpu_model(),
               "machine": platform.machine(), "versions": versions(), "trees": trees,
               "compile_seconds": round(compile_seconds, 1), "sets": sets,
-              "corpus": runtime.manifest["speculative"]["corpus"],
+              "corpus": runtime.manifest["speculative"]["corpus"], "corpus_kind": corpus_kind,
               "prompts": {s: PROMPT_SETS[s][1][: args.prompts_per_set] for s in prompt_ids}}
     subset = "" if set(set_names) == set(PROMPT_SETS) else "_" + "-".join(set_names)  # keep the full run's
-    peers.save_results(f"free_drafters_{args.model}{subset}", record, write_markdown(record))
+    peers.save_results(f"free_drafters_{args.model}{tag}{subset}", record, write_markdown(record))
 
 
 if __name__ == "__main__":
