@@ -72,7 +72,8 @@ def stdlib_corpus() -> Path:
 def answers_corpus(model: str, folder: Path, count: int, new_tokens: int = 128) -> Path:
     """The target's own greedy answers (eager torch, batched) to `count` requests made from the
     standard library's docstrings (compiler/self_distill.py; none is a benchmark prompt), one text
-    file each, made once: a corpus of how this model writes, for `--corpus answers:N`."""
+    file each, made once: a corpus of how this model writes, for `--corpus answers:N` (fewer when
+    the standard library has fewer documented functions: ~700)."""
     from skiptree.compiler.self_distill import distill, docstring_prompts
     from skiptree.models.loader import load_model
     from skiptree.runtime.generator import read_eos_token_ids
@@ -94,7 +95,8 @@ def answers_corpus(model: str, folder: Path, count: int, new_tokens: int = 128) 
     for i, (prompt_length, sequence) in enumerate(answers):
         (partial / f"answer_{i:04d}.txt").write_text(tokenizer.decode(sequence[prompt_length:]))
     partial.rename(dest)
-    print(f"answers corpus: {count} answers in {time.perf_counter() - start:.0f} s -> {dest}", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"answers corpus: {len(answers)} answers in {seconds:.0f} s -> {dest}", flush=True)
     return dest
 
 
@@ -239,9 +241,11 @@ def main() -> None:
     if args.corpus == "stdlib":
         corpus, tag, corpus_kind = stdlib_corpus(), "", STDLIB
     else:
-        count = int(args.corpus.removeprefix("answers:"))
+        from skiptree.compiler.self_distill import docstring_prompts
+
+        count = len(docstring_prompts(int(args.corpus.removeprefix("answers:"))))  # ~700 exist
         corpus, tag = answers_corpus(args.model, folder, count), f"_answers{count}"
-        corpus_kind = f"the target's own greedy answers to {count} requests from stdlib docstrings"
+        corpus_kind = "the target's own greedy answers to requests from stdlib docstrings (one a file)"
     artifact = args.artifact or skiptree_home() / "bench" / f"free-drafters-{args.model}{tag}"
     start = time.perf_counter()
     if not (artifact / "manifest.json").is_file():
