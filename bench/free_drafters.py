@@ -69,22 +69,20 @@ def stdlib_corpus() -> Path:
     return dest
 
 
-def answers_corpus(model: str, folder: Path, count: int, new_tokens: int = 128) -> Path:
-    """The target's own greedy answers (eager torch, batched) to `count` requests made from the
+def answers_corpus(model: str, folder: Path, texts: list[str], new_tokens: int = 128) -> Path:
+    """The target's own greedy answers (eager torch, batched) to `texts`, requests made from the
     standard library's docstrings (compiler/self_distill.py; none is a benchmark prompt), one text
-    file each, made once: a corpus of how this model writes, for `--corpus answers:N` (fewer when
-    the standard library has fewer documented functions: ~700)."""
-    from skiptree.compiler.self_distill import distill, docstring_prompts
+    file each, made once: a corpus of how this model writes, for `--corpus answers:N`."""
+    from skiptree.compiler.self_distill import distill
     from skiptree.models.loader import load_model
     from skiptree.runtime.generator import read_eos_token_ids
     from skiptree.runtime.tokenizer import Tokenizer
 
-    dest = skiptree_home() / "bench" / f"corpus-answers-{model}-{count}x{new_tokens}"
+    dest = skiptree_home() / "bench" / f"corpus-answers-{model}-{len(texts)}x{new_tokens}"
     if dest.is_dir():
         return dest
     tokenizer = Tokenizer.from_folder(folder)
-    requests = [tokenizer.apply_chat_template([{"role": "user", "content": text}])
-                for text in docstring_prompts(count, seed=1)]  # fmt: skip
+    requests = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for text in texts]
     start = time.perf_counter()
     torch.set_num_threads(2)  # made once, not timed against anything
     answers = distill(load_model(folder), requests, new_tokens, eos=read_eos_token_ids(folder, tokenizer))
@@ -243,8 +241,8 @@ def main() -> None:
     else:
         from skiptree.compiler.self_distill import docstring_prompts
 
-        count = len(docstring_prompts(int(args.corpus.removeprefix("answers:"))))  # ~700 exist
-        corpus, tag = answers_corpus(args.model, folder, count), f"_answers{count}"
+        texts = docstring_prompts(int(args.corpus.removeprefix("answers:")), seed=1)  # ~700 exist
+        corpus, tag = answers_corpus(args.model, folder, texts), f"_answers{len(texts)}"
         corpus_kind = "the target's own greedy answers to requests from stdlib docstrings (one a file)"
     artifact = args.artifact or skiptree_home() / "bench" / f"free-drafters-{args.model}{tag}"
     start = time.perf_counter()

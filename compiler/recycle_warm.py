@@ -4,7 +4,7 @@ The table (`skiptree.runtime.recycling`) starts empty and fills as decoding runs
 instead start from what the target predicts after every token of the calibration prompts and of
 its greedy answers to them (eager torch, a few seconds): the token table and the pair cache (each
 token with the one before it). Saved as `recycle_table.safetensors` (int32 rows, int64 pair keys;
-no pickle; 4.1 MB at SmolLM2's vocabulary) and checked by the manifest's sha256 like every artifact file.
+no pickle; 4.2 MB at SmolLM2's vocabulary) and checked by the manifest's sha256 like every artifact file.
 """
 
 from __future__ import annotations

@@ -79,11 +79,12 @@ class RecyclingDrafter:
         self.pair_keys = np.full(pair_slots, EMPTY, dtype=np.int64)  # previous * vocab + token
         self.pair_rows = np.full((pair_slots, width), EMPTY, dtype=np.int32)
         for name, warm in (state or {}).items():  # a warm start (the artifact's `state()`, any part)
-            mine = getattr(self, name) if name in STATE_ARRAYS else None
-            if mine is None or warm.shape != mine.shape or warm.dtype != mine.dtype:
+            if name not in STATE_ARRAYS:
+                raise ValueError(f"a recycling state has no array '{name}' (only {', '.join(STATE_ARRAYS)})")
+            mine = getattr(self, name)
+            if warm.shape != mine.shape or warm.dtype != mine.dtype:
                 raise ValueError(f"a recycling {name} of shape {warm.shape} {warm.dtype} does not fit "
-                                 f"{mine.shape if mine is not None else 'this drafter'} "
-                                 f"{mine.dtype if mine is not None else ''}".rstrip())  # fmt: skip
+                                 f"{mine.shape} {mine.dtype}")  # fmt: skip
             mine[:] = warm  # copied into the arrays above: the memory bound holds
 
     def state(self) -> dict[str, np.ndarray]:
