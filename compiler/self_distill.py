@@ -20,28 +20,43 @@ from tqdm import tqdm
 from skiptree.models.base import CausalLM, mask_value
 
 TEMPLATES = (
-    "Write a Python function `{name}` that does this: {doc}",
+    "Write a Python {kind} `{name}` that does this: {doc}",
     "Explain what `{module}.{name}` in Python's standard library does, with a short example.",
     "{doc} How would I do that in Python?",
 )
 
 
+def documented(node: ast.AST) -> str | None:
+    """A public definition's docstring summary when it makes a request (20-200 characters)."""
+    doc = (ast.get_docstring(node) or "").strip().split("\n")[0].strip()  # type: ignore[arg-type]
+    return doc if 20 <= len(doc) <= 200 and not node.name.startswith("_") else None  # type: ignore[attr-defined]
+
+
 def docstring_prompts(count: int, seed: int = 0) -> list[str]:
-    """`count` requests made from the standard library's documented public functions (seeded order)."""
-    found: list[tuple[str, str, str]] = []
+    """`count` requests made from the standard library's documented public definitions (seeded
+    order): its top-level functions first (701 on Python 3.11), then its classes and their methods
+    (1,732 more), so a larger count extends a smaller one's requests instead of reshuffling them."""
+    functions: list[tuple[str, str, str, str]] = []
+    others: list[tuple[str, str, str, str]] = []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         try:
             tree = ast.parse(path.read_text(errors="replace"))
         except SyntaxError:
             continue
         for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-                doc = (ast.get_docstring(node) or "").strip().split("\n")[0].strip()
-                if 20 <= len(doc) <= 200:
-                    found.append((path.stem, node.name, doc))
-    rng = random.Random(seed)
-    rng.shuffle(found)
-    return [TEMPLATES[i % len(TEMPLATES)].format(module=m, name=n, doc=d) for i, (m, n, d) in
+            if isinstance(node, ast.FunctionDef) and (doc := documented(node)):
+                functions.append((path.stem, node.name, doc, "function"))
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                if doc := documented(node):
+                    others.append((path.stem, node.name, doc, "class"))
+                for method in node.body:
+                    if isinstance(method, ast.FunctionDef) and (doc := documented(method)):
+                        others.append((path.stem, f"{node.name}.{method.name}", doc, "method"))
+    found = []
+    for group in (functions, others):
+        random.Random(seed).shuffle(group)
+        found += group
+    return [TEMPLATES[i % len(TEMPLATES)].format(module=m, name=n, doc=d, kind=k) for i, (m, n, d, k) in
             enumerate(found[:count])]  # fmt: skip
 
 

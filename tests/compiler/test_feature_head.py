@@ -70,6 +70,11 @@ def test_docstring_prompts_are_seeded_requests():
     prompts = docstring_prompts(30)
     assert len(prompts) == 30 and len(set(prompts)) == 30 and prompts == docstring_prompts(30)
     assert any(p.startswith("Write a Python function `") for p in prompts)
+    everything = docstring_prompts(100_000)  # all there are: functions, then classes and methods
+    assert everything[:30] == prompts and len(everything) > 2000  # a larger count extends a smaller one
+    assert len(set(everything)) > 0.99 * len(everything)
+    assert any(p.startswith("Write a Python class `") for p in everything)
+    assert any(p.startswith("Write a Python method `") and "." in p.split("`")[1] for p in everything)
 
 
 def test_training_improves_acceptance_and_resumes(tiny):
