@@ -70,10 +70,13 @@ def stdlib_corpus() -> Path:
     return dest
 
 
-def answers_corpus(model: str, folder: Path, texts: list[str], new_tokens: int = 128) -> Path:
+def answers_corpus(model: str, folder: Path, texts: list[str], new_tokens: int = 128, chunk: int = 256
+                   ) -> Path:  # fmt: skip
     """The target's own greedy answers (eager torch, batched) to `texts`, requests made from the
     standard library's docstrings (compiler/self_distill.py; none is a benchmark prompt), one text
-    file each, made once: a corpus of how this model writes, for `--corpus answers:N`."""
+    file each, made once: a corpus of how this model writes, for `--corpus answers:N`. Resumable:
+    answers are written `chunk` requests at a time into a .partial folder, and a rerun makes only
+    the missing ones (batched greedy equals one-by-one greedy, so chunking changes no answer)."""
     from skiptree.compiler.self_distill import distill
     from skiptree.models.loader import load_model
     from skiptree.runtime.generator import read_eos_token_ids
@@ -83,19 +86,31 @@ def answers_corpus(model: str, folder: Path, texts: list[str], new_tokens: int =
     if dest.is_dir():
         return dest
     tokenizer = Tokenizer.from_folder(folder)
-    requests = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for text in texts]
-    start = time.perf_counter()
-    torch.set_num_threads(2)  # made once, not timed against anything
-    answers = distill(load_model(folder), requests, new_tokens, eos=read_eos_token_ids(folder, tokenizer))
-    torch.set_num_threads(1)
     partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for i, (prompt_length, sequence) in enumerate(answers):
-        (partial / f"answer_{i:04d}.txt").write_text(tokenizer.decode(sequence[prompt_length:]))
+    partial.mkdir(parents=True, exist_ok=True)
+    files = [partial / f"answer_{i:04d}.txt" for i in range(len(texts))]
+    missing = [i for i, file in enumerate(files) if not file.is_file()]
+    if len(missing) < len(texts):
+        made = len(texts) - len(missing)
+        print(f"answers corpus: resuming, {made} of {len(texts)} answers made", flush=True)
+    start, target, eos = time.perf_counter(), None, read_eos_token_ids(folder, tokenizer)
+    torch.set_num_threads(2)  # made once, not timed against anything
+    for first in range(0, len(missing), chunk):
+        part = missing[first : first + chunk]
+        target = target or load_model(folder)
+        requests = [tokenizer.apply_chat_template([{"role": "user", "content": texts[i]}]) for i in part]
+        answers = distill(target, requests, new_tokens, eos=eos)
+        for i, (prompt_length, sequence) in zip(part, answers, strict=True):
+            text = tokenizer.decode(sequence[prompt_length:])
+            files[i].with_suffix(".tmp").write_text(text)
+            files[i].with_suffix(".tmp").rename(files[i])  # a file present is a whole answer
+        print(f"answers corpus: {min(first + chunk, len(missing))} of {len(missing)} made", flush=True)
+    torch.set_num_threads(1)
+    for stray in partial.glob("*.tmp"):  # an answer cut short by an interrupted run
+        stray.unlink()
     partial.rename(dest)
     seconds = time.perf_counter() - start
-    print(f"answers corpus: {len(answers)} answers in {seconds:.0f} s -> {dest}", flush=True)
+    print(f"answers corpus: {len(missing)} answers in {seconds:.0f} s -> {dest}", flush=True)
     return dest
 
 
@@ -285,6 +300,7 @@ def main() -> None:
     parser.add_argument("--corpus", default="stdlib",
                         help="stdlib (its top-level modules) or answers:N (the target's own answers to N "
                              "docstring requests, generated once)")  # fmt: skip
+    parser.add_argument("--answer-tokens", type=int, default=128, help="new tokens per answer of answers:N")
     parser.add_argument("--engines", default=",".join(k for k in ENGINE_KEYS if "prompt-lookup-1" not in k),
                         help=f"comma-separated, from {','.join(ENGINE_KEYS)} (our AR always runs)")
     args = parser.parse_args()
@@ -303,7 +319,8 @@ def main() -> None:
         from skiptree.compiler.self_distill import docstring_prompts
 
         texts = docstring_prompts(int(args.corpus.removeprefix("answers:")), seed=1)  # ~700 exist
-        corpus, tag = answers_corpus(args.model, folder, texts), f"_answers{len(texts)}"
+        corpus = answers_corpus(args.model, folder, texts, args.answer_tokens)
+        tag = f"_answers{len(texts)}" + ("" if args.answer_tokens == 128 else f"x{args.answer_tokens}")
         corpus_kind = "the target's own greedy answers to requests from stdlib docstrings (one a file)"
     artifact = args.artifact or skiptree_home() / "bench" / f"free-drafters-{args.model}{tag}"
     start = time.perf_counter()
