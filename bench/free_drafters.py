@@ -172,7 +172,7 @@ class GenaiEngine(peers.GenaiEngine):
 
 ENGINE_KEYS = ("prompt-lookup", "prompt-lookup-1", "recycle", "corpus", "prompt-lookup+recycle",
                "prompt-lookup-1+recycle", "prompt-lookup+recycle+corpus", "prompt-lookup-1+recycle+corpus",
-               "no-gate", "genai")
+               "no-gate", "no-agreement", "genai")
 
 
 def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
@@ -195,6 +195,11 @@ def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
         if key == "no-gate":
             ungated = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")])
             engines.append(FreeEngine(runtime, ungated, trees["prompt-lookup+recycle+corpus"], " (no gate)"))
+        elif key == "no-agreement":  # the gate as before agreement: a token as likely as its best proposal
+            alone = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")], cost,
+                                  agreement=False)  # fmt: skip
+            tree = trees["prompt-lookup+recycle+corpus"]
+            engines.append(FreeEngine(runtime, alone, tree, " (no agreement)"))
         elif key != "genai":
             merged = MergedDrafter([fresh(name) for name in key.split("+")], cost)
             note = " (min n-gram 1)" if "prompt-lookup-1" in key else ""

@@ -15,6 +15,14 @@ source's candidates there and at its evidence (how many tokens a lookup matched:
 given that its parent was accepted (`RankAcceptance`, counted online from every verify step,
 Laplace-smoothed so an untried class starts at 1/2). This is Sequoia's acceptance by rank, per
 source and match length and measured as decoding goes; the tree shape the tuner chose bounds the draft.
+
+A token that several sources propose at a node (prompt lookup and recycling agreeing, say) is
+likelier than either alone: its rate given the parent is the noisy-or of the proposing sources'
+rates, 1 - prod(1 - rate), and every proposing source's count learns from it. Measured on
+Qwen2.5-Coder-1.5B (a 33-node tree, every node verified): recycling's first guess was accepted
+0.30 of the time alone and 0.77 with prompt lookup agreeing, a 4-token corpus match 0.39 alone and
+0.94 with recycling agreeing; replaying those drafts through the gate, agreement moved the
+modelled speed-up on code from 1.46x to 1.48x and on copying from 1.63x to 1.77x.
 """
 
 from __future__ import annotations
@@ -78,21 +86,35 @@ class RankAcceptance:
         """The first `verified` nodes of `draft` were verified; `accepted` (verify numbering, 1 = draft
         node 0) were accepted. A node was judged when its parent was the root or accepted."""
         taken = {node - 1 for node in accepted}
-        for node, rank in enumerate(draft.ranks[:verified]):
+        for node in range(min(verified, len(draft.tokens))):
             parent = draft.parents[node]
-            if parent == -1 or parent in taken:
-                source, evidence = draft.sources[node], evidence_class(draft.evidence[node])
-                for key in ((source, evidence, rank), (source, ANY, rank)):
+            if parent != -1 and parent not in taken:
+                continue
+            for source, evidence, rank in proposals(draft, node):
+                for key in ((source, evidence_class(evidence), rank), (source, ANY, rank)):
                     self.judged[key] = self.judged.get(key, 0) + 1
                     self.accepted[key] = self.accepted.get(key, 0) + (node in taken)
 
 
+def proposals(draft: Draft, node: int) -> list[tuple[str, int, int]]:
+    """(source, evidence, rank) of every source that proposed the node's token, its own first."""
+    own = (draft.sources[node], draft.evidence[node], draft.ranks[node])
+    return [own, *draft.seconded[node]]
+
+
+def agreed_rate(acceptance: RankAcceptance, proposed: list[tuple[str, int, int]]) -> float:
+    """P(accepted | parent accepted) of a token proposed by these sources: their rates' noisy-or."""
+    missed = 1.0
+    for source, evidence, rank in proposed:
+        missed *= 1.0 - acceptance.rate(source, rank, evidence)
+    return 1.0 - missed
+
+
 def node_probabilities(draft: Draft, acceptance: RankAcceptance) -> list[float]:
     probabilities: list[float] = []
-    for node, rank in enumerate(draft.ranks):
-        parent = draft.parents[node]
+    for node, parent in enumerate(draft.parents):
         above = 1.0 if parent == -1 else probabilities[parent]
-        probabilities.append(above * acceptance.rate(draft.sources[node], rank, draft.evidence[node]))
+        probabilities.append(above * agreed_rate(acceptance, proposals(draft, node)))
     return probabilities
 
 
@@ -110,5 +132,6 @@ def gate_draft(draft: Draft, acceptance: RankAcceptance, cost: VerifyCost) -> Dr
     gated = Draft()
     for old in kept:
         parent = renumber.get(draft.parents[old], -1)
-        gated.add(draft.tokens[old], parent, draft.sources[old], draft.evidence[old], draft.ranks[old])
+        gated.add(draft.tokens[old], parent, draft.sources[old], draft.evidence[old], draft.ranks[old],
+                  draft.seconded[old])  # fmt: skip
     return gated

@@ -18,6 +18,8 @@ from skiptree.runtime.onnx_step import OnnxStepModel
 from skiptree.runtime.sampling import SamplingConfig, sampling_probabilities
 from skiptree.runtime.tree import TreeShape, tree_bias
 
+Proposal = tuple[str, int, int]  # (source, evidence, rank) of one source's proposal of a token
+
 
 @dataclass
 class Draft:
@@ -28,11 +30,14 @@ class Draft:
     sources: list[str] = field(default_factory=list)  # per node: which source proposed it ([]: the drafter)
     evidence: list[int] = field(default_factory=list)  # per node: the tokens its source matched (lookups)
     ranks: list[int] = field(default_factory=list)  # per node: its rank among its source's candidates there
+    # per node: (source, evidence, rank) of every other source that proposed the same token there
+    seconded: list[tuple[Proposal, ...]] = field(default_factory=list)
 
     def add(self, token: int, parent: int, source: str | None = None, evidence: int = 0,
-            rank: int | None = None) -> int:
+            rank: int | None = None, seconded: tuple[Proposal, ...] = ()) -> int:
         """Append a node; `rank` defaults to its rank among the parent's children so far."""
         self.ranks.append(self.parents.count(parent) if rank is None else rank)
+        self.seconded.append(seconded)
         self.tokens.append(token)
         self.parents.append(parent)
         self.child_probs.append(None)
@@ -49,22 +54,22 @@ class Drafter(Protocol):
                 rng: np.random.Generator) -> Draft: ...  # fmt: skip
 
 
-Candidates = Callable[[list[int], int], list[tuple[int, str, int, int]]]
+Candidates = Callable[[list[int], int], list[tuple[int, str, int, int, tuple[Proposal, ...]]]]
 
 
 def fill_tree(shape: TreeShape, candidates: Candidates) -> Draft:
     """A deterministic draft shaped like `shape`: `candidates(path, limit)` gives at most `limit`
-    (token, source, evidence, rank) children, best first, of the node reached by `path` (the tokens
-    below the root). A node with fewer candidates than the shape's children drops the rest with their
-    subtrees."""
+    (token, source, evidence, rank, seconded) children, best first, of the node reached by `path`
+    (the tokens below the root; `seconded`: the other sources' proposals of the same token). A node
+    with fewer candidates than the shape's children drops the rest with their subtrees."""
     draft, kept = Draft(), {-1: -1}  # shape node -> draft node
     paths: dict[int, list[int]] = {-1: []}
     for parent, kids in shape.children().items():  # parents before children (BFS order)
         if parent not in kept:
             continue  # dropped with its subtree
-        for node, (token, source, evidence, rank) in zip(kids, candidates(paths[parent], len(kids)),
-                                                         strict=False):  # fmt: skip
-            kept[node] = draft.add(token, kept[parent], source, evidence, rank)
+        for node, (token, source, evidence, rank, seconded) in zip(kids, candidates(paths[parent], len(kids)),
+                                                                   strict=False):  # fmt: skip
+            kept[node] = draft.add(token, kept[parent], source, evidence, rank, seconded)
             paths[node] = paths[parent] + [token]
     return draft
 
@@ -84,9 +89,9 @@ class CandidateSource(Protocol):
 def draft_from(source: CandidateSource, context: list[int], shape: TreeShape) -> Draft:
     """The tree `source` proposes after `context` (its last token is the root)."""
     source.prepare(context)
-    def candidates(path: list[int], limit: int) -> list[tuple[int, str, int, int]]:
+    def candidates(path: list[int], limit: int) -> list[tuple[int, str, int, int, tuple[Proposal, ...]]]:
         tokens = source.candidates(context, path, limit)
-        return [(token, source.name, source.matched, rank) for rank, token in enumerate(tokens)]
+        return [(token, source.name, source.matched, rank, ()) for rank, token in enumerate(tokens)]
 
     return fill_tree(shape, candidates)
 

@@ -3,7 +3,8 @@
 Every node's children are all sources' candidates ordered by their predicted acceptance: the
 acceptance measured so far for that source, at that candidate's rank among the source's own
 candidates there and at the source's evidence (how many tokens a lookup matched), given the parent
-was accepted (`RankAcceptance`). A token proposed twice counts once, under its likelier proposal.
+was accepted (`RankAcceptance`). A token proposed twice is one node, under its likelier proposal,
+and as likely as its proposals' noisy-or (sources that agree: `skiptree.runtime.draft_gate`).
 So a 12-token prompt-lookup match outranks recycling's guess, and recycling's first guess outranks a
 lookup that matched one token, whatever the sources' average rates; ties go to the lower rank, then
 to the source with the better measured acceptance overall (`ranked`). The tree's shape
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from skiptree.runtime.draft_gate import RankAcceptance, VerifyCost, gate_draft
-from skiptree.runtime.drafters import CandidateSource, Draft, fill_tree
+from skiptree.runtime.draft_gate import RankAcceptance, VerifyCost, agreed_rate, gate_draft
+from skiptree.runtime.drafters import CandidateSource, Draft, Proposal, fill_tree
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.tree import TreeShape
 
@@ -28,11 +29,14 @@ TABLE_SOURCES = ("prompt-lookup", "recycle", "corpus")  # free drafters: no weig
 class MergedDrafter:
     """Prompt lookup, recycling and corpus lookup (any of them) proposing one tree together."""
 
-    def __init__(self, sources: list[CandidateSource], cost: VerifyCost | None = None):
-        """`cost`: the verify cost T(n) / T(0) that gates each step (None: verify whole drafts)."""
+    def __init__(self, sources: list[CandidateSource], cost: VerifyCost | None = None,
+                 agreement: bool = True):  # fmt: skip
+        """`cost`: the verify cost T(n) / T(0) that gates each step (None: verify whole drafts);
+        `agreement`: a token several sources propose is as likely as their rates' noisy-or (False:
+        as its likeliest proposal alone; kept for measuring what agreement gains)."""
         if len({source.name for source in sources}) != len(sources):
             raise ValueError(f"a source appears twice in {[source.name for source in sources]}")
-        self.sources, self.cost = list(sources), cost
+        self.sources, self.cost, self.agreement = list(sources), cost, agreement
         self.name = "+".join(source.name for source in sources)
         self.acceptance = RankAcceptance()
         self.last = Draft()
@@ -61,16 +65,20 @@ class MergedDrafter:
         for source in order:
             source.prepare(context)
 
-        def candidates(path: list[int], limit: int) -> list[tuple[int, str, int, int]]:
+        def candidates(path: list[int], limit: int) -> list[tuple[int, str, int, int, tuple[Proposal, ...]]]:
             scored = []  # (-predicted acceptance, rank, source order, token, source, evidence)
             for position, source in enumerate(order):
                 for rank, token in enumerate(source.candidates(context, path, limit)):
                     rate = self.acceptance.rate(source.name, rank, source.matched)
                     scored.append((-rate, rank, position, token, source.name, source.matched))
-            merged: dict[int, tuple[int, str, int, int]] = {}
+            by_token: dict[int, list[Proposal]] = {}  # likeliest proposal first
             for _, rank, _, token, name, evidence in sorted(scored):
-                merged.setdefault(token, (token, name, evidence, rank))
-            return list(merged.values())[:limit]
+                by_token.setdefault(token, []).append((name, evidence, rank))
+            if not self.agreement:
+                by_token = {token: found[:1] for token, found in by_token.items()}
+            # children by their agreed rate (stable: ties keep the likeliest single proposal's order)
+            best = sorted(by_token.items(), key=lambda item: -agreed_rate(self.acceptance, item[1]))
+            return [(token, *found[0], tuple(found[1:])) for token, found in best[:limit]]
 
         draft = fill_tree(shape, candidates)
         self.last = draft if self.cost is None else gate_draft(draft, self.acceptance, self.cost)

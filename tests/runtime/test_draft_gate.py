@@ -84,3 +84,20 @@ def test_the_gate_keeps_the_subtree_that_pays():
     assert kept.tokens == [7, 9] and kept.parents == [-1, 0] and kept.sources == ["recycle"] * 2
     steep = VerifyCost((1,), (2.0,))  # a plain step is best
     assert gate_draft(draft, acceptance, steep).tokens == []
+
+
+def test_sources_that_agree_make_a_token_likelier_and_each_learns_from_it():
+    acceptance = RankAcceptance()
+    for _ in range(2):  # recycling's first guess rejected twice: 1/4
+        acceptance.record(draft_of([7], [-1]), verified=1, accepted=[])
+    agreed = Draft()
+    agreed.add(7, -1, "recycle", 0, 0, seconded=(("prompt-lookup", 4, 0),))  # lookup matched 4: 1/2
+    assert node_probabilities(draft_of([7], [-1]), acceptance) == pytest.approx([1 / 4])
+    assert node_probabilities(agreed, acceptance) == pytest.approx([1 - (3 / 4) * (1 / 2)])  # noisy-or
+    cost = VerifyCost((1,), (1.5,))  # one node pays when p > 0.5
+    assert gate_draft(draft_of([7], [-1]), acceptance, cost).tokens == []
+    kept = gate_draft(agreed, acceptance, cost)
+    assert kept.tokens == [7] and kept.seconded == [(("prompt-lookup", 4, 0),)]
+    acceptance.record(agreed, verified=1, accepted=[1])  # both proposals judged, both accepted
+    assert acceptance.rate("recycle", 0) == pytest.approx(2 / 5)
+    assert acceptance.rate("prompt-lookup", 0, 4) == pytest.approx(2 / 3)

@@ -101,3 +101,14 @@ def test_lookups_report_how_long_their_match_is():
     assert corpus.candidates([0, 2, 3], [4], 1) == [5] and corpus.matched == 3
     merged = MergedDrafter([corpus])
     assert propose(merged, [0, 2, 3], "chain:2").evidence == [2, 3]
+
+
+def test_a_token_two_sources_propose_is_one_node_that_outranks_either_alone():
+    context = [1, 2, 3, 9, 1, 2, 3]  # lookup: 9 (3 tokens matched); recycling after 3: 4, then 9
+    agreeing = MergedDrafter([recycling_with({3: [4, 9]}), PromptLookupDrafter()])
+    draft = propose(agreeing, context, "k-ary:2x1")  # untried: 1/2 each; 9: 1 - 1/2 * 1/2 = 3/4
+    assert draft.tokens == [9, 4] and draft.sources == ["prompt-lookup", "recycle"]
+    assert draft.seconded == [(("recycle", 0, 1),), ()]
+    alone = MergedDrafter([recycling_with({3: [4, 9]}), PromptLookupDrafter()], agreement=False)
+    draft = propose(alone, context, "k-ary:2x1")  # a tie at 1/2: the first-ranked source's rank 0
+    assert draft.tokens == [4, 9] and draft.seconded == [(), ()]
