@@ -190,20 +190,21 @@ def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
         return CorpusDrafter(sources["corpus"].index)
 
     cost = runtime.speculative.drafter.cost  # the verify cost measured at compile time: the gate
+    all_three = ("prompt-lookup", "recycle", "corpus")
     engines = []
-    for key in keys:
+    for entry in keys:
+        key, _, own_tree = entry.partition("@")  # KEY@TREE: this engine on another tree
+        tree = own_tree or trees["prompt-lookup+recycle+corpus" if key.startswith("no-") else
+                                 key.replace("prompt-lookup-1", "prompt-lookup")]  # fmt: skip
         if key == "no-gate":
-            ungated = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")])
-            engines.append(FreeEngine(runtime, ungated, trees["prompt-lookup+recycle+corpus"], " (no gate)"))
+            engines.append(FreeEngine(runtime, MergedDrafter([fresh(name) for name in all_three]), tree,
+                                      " (no gate)"))  # fmt: skip
         elif key == "no-agreement":  # the gate as before agreement: a token as likely as its best proposal
-            alone = MergedDrafter([fresh(name) for name in ("prompt-lookup", "recycle", "corpus")], cost,
-                                  agreement=False)  # fmt: skip
-            tree = trees["prompt-lookup+recycle+corpus"]
+            alone = MergedDrafter([fresh(name) for name in all_three], cost, agreement=False)
             engines.append(FreeEngine(runtime, alone, tree, " (no agreement)"))
         elif key != "genai":
             merged = MergedDrafter([fresh(name) for name in key.split("+")], cost)
             note = " (min n-gram 1)" if "prompt-lookup-1" in key else ""
-            tree = trees[key.replace("prompt-lookup-1", "prompt-lookup")]
             engines.append(FreeEngine(runtime, merged, tree, note))
     return engines
 
@@ -306,12 +307,15 @@ def main() -> None:
                         help="stdlib (its top-level modules) or answers:N (the target's own answers to N "
                              "docstring requests, generated once)")  # fmt: skip
     parser.add_argument("--answer-tokens", type=int, default=128, help="new tokens per answer of answers:N")
+    parser.add_argument("--suffix", default="", help="appended to the results' file name")
     parser.add_argument("--engines", default=",".join(k for k in ENGINE_KEYS if "prompt-lookup-1" not in k),
-                        help=f"comma-separated, from {','.join(ENGINE_KEYS)} (our AR always runs)")
+                        help=f"comma-separated, from {','.join(ENGINE_KEYS)} (our AR always runs); "
+                             "KEY@TREE runs one on another tree")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     keys, set_names = args.engines.split(","), args.sets.split(",")
-    unknown = [k for k in keys if k not in ENGINE_KEYS] + [s for s in set_names if s not in PROMPT_SETS]
+    unknown = [k for k in keys if k.partition("@")[0] not in ENGINE_KEYS]
+    unknown += [s for s in set_names if s not in PROMPT_SETS]
     if unknown:
         parser.error(f"unknown engine or set {unknown}; engines: {ENGINE_KEYS}, sets: {list(PROMPT_SETS)}")
     trees = {"prompt-lookup": "chain:4", "recycle": "k-ary:2x2", "corpus": "chain:4",
@@ -353,7 +357,8 @@ def main() -> None:
               "corpus": runtime.manifest["speculative"]["corpus"], "corpus_kind": corpus_kind,
               "prompts": {s: PROMPT_SETS[s][1][: args.prompts_per_set] for s in prompt_ids}}
     subset = "" if set(set_names) == set(PROMPT_SETS) else "_" + "-".join(set_names)  # keep the full run's
-    peers.save_results(f"free_drafters_{args.model}{tag}{subset}", record, write_markdown(record))
+    name = f"free_drafters_{args.model}{tag}{subset}{args.suffix}"
+    peers.save_results(name, record, write_markdown(record))
 
 
 if __name__ == "__main__":

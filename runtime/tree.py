@@ -78,10 +78,27 @@ def k_ary(width: int, depth: int) -> TreeShape:
     return TreeShape(tuple(parents), f"k-ary:{width}x{depth}")
 
 
+def with_tails(shape: TreeShape, length: int, spec: str) -> TreeShape:
+    """`shape` with a chain of `length` nodes under each of its deepest nodes, level by level."""
+    parents, depths = list(shape.parents), shape.depths()
+    level = [node for node, depth in enumerate(depths) if depth == shape.depth]
+    for _ in range(length):
+        parents.extend(level)
+        level = list(range(len(parents) - len(level), len(parents)))
+    return TreeShape(tuple(parents), spec)
+
+
 def parse_tree(spec: str) -> TreeShape:
-    """`chain:K`, `k-ary:WxD` or the path of a JSON tree file."""
-    usage = "use chain:K, k-ary:WxD (W children per node, D levels) or a JSON file {\"parents\": [...]}"
+    """`chain:K`, `k-ary:WxD`, `k-ary:WxD+chain:K` (each deepest node continued by a chain of K:
+    a few guesses near the root, one long line after each) or the path of a JSON tree file."""
+    usage = ("use chain:K, k-ary:WxD (W children per node, D levels), k-ary:WxD+chain:K (a chain of K "
+             "under each deepest node) or a JSON file {\"parents\": [...]}")  # fmt: skip
     try:
+        if spec.startswith("k-ary:") and "+chain:" in spec:
+            head, length = spec.split("+chain:", 1)
+            if int(length) < 1:
+                raise ValueError
+            return with_tails(parse_tree(head), int(length), spec)
         if spec.startswith("chain:"):
             length = int(spec.split(":", 1)[1])
             if length < 1:

@@ -14,6 +14,9 @@ def test_presets():
     shape = parse_tree("k-ary:2x2")
     assert shape.parents == (-1, -1, 0, 0, 1, 1) and shape.depth == 2 and shape.size == 6
     assert shape.children()[-1] == [0, 1] and shape.children()[1] == [4, 5]
+    tailed = parse_tree("k-ary:2x1+chain:2")  # two guesses, each continued by a chain of two
+    assert tailed.parents == (-1, -1, 0, 1, 2, 3) and tailed.depth == 3 and tailed.spec == "k-ary:2x1+chain:2"
+    assert parse_tree("k-ary:2x2+chain:4").size == 6 + 4 * 4
 
 
 def test_json_file(tmp_path):
@@ -25,6 +28,7 @@ def test_json_file(tmp_path):
 @pytest.mark.parametrize("spec,message", [
     ("chain:0", "tree preset 'chain:0' is malformed; use chain:K, k-ary:WxD"),
     ("k-ary:2by3", "tree preset 'k-ary:2by3' is malformed"),
+    ("k-ary:2x2+chain:0", "tree preset 'k-ary:2x2\\+chain:0' is malformed; use .* k-ary:WxD\\+chain:K"),
     ("bushy", "tree 'bushy' is neither a preset nor a file"),
 ])  # fmt: skip
 def test_bad_specs(spec, message):
