@@ -57,7 +57,7 @@ class CompileOptions:
     verify: bool = False
     check: bool = True  # run the lowered graph against eager torch before writing the manifest
     draft: str | None = None  # None: plain; lookup+recycle+corpus:PATH (any); self:...; feature-head:W; model
-    tree: str = "chain:4"  # draft tree: chain:K, k-ary:WxD, or a JSON file (see runtime/tree.py)
+    tree: str = "chain:4"  # chain:K, k-ary:WxD, k-ary:WxD+chain:K or a JSON file (see runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
     draft_adapter: Path | None = None  # a trained exit adapter for --draft self:exit=E (skiptree tune)

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "Recycling), corpus:PATH (text file or folder), or any '+' combination of them "
                            "(lookup+recycle); a draft model (same tokenizer); or a self-draft self:exit=E | "
                            "self:skip=4-9,15 (self:auto: see tune)")
-    comp.add_argument("--tree", default="chain:4", help="draft tree: chain:K, k-ary:WxD or a JSON file")
+    comp.add_argument("--tree", default="chain:4",
+                      help="draft tree: chain:K, k-ary:WxD, k-ary:WxD+chain:K or a JSON file")
     comp.add_argument("--draft-vocab", type=int, default=0, metavar="V",
                       help="the draft's head keeps only the target's V most frequent tokens (lossless)")
     comp.add_argument("--early-exit", default=None, metavar="min-agreement=0.95[,exits=8+16][,gate=softmax]",
