@@ -194,6 +194,8 @@ def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
     engines = []
     for entry in keys:
         key, _, own_tree = entry.partition("@")  # KEY@TREE: this engine on another tree
+        if key == "genai":
+            continue  # built by genai_engines
         tree = own_tree or trees["prompt-lookup+recycle+corpus" if key.startswith("no-") else
                                  key.replace("prompt-lookup-1", "prompt-lookup")]  # fmt: skip
         if key == "no-gate":
@@ -202,7 +204,7 @@ def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
         elif key == "no-agreement":  # the gate as before agreement: a token as likely as its best proposal
             alone = MergedDrafter([fresh(name) for name in all_three], cost, agreement=False)
             engines.append(FreeEngine(runtime, alone, tree, " (no agreement)"))
-        elif key != "genai":
+        else:
             merged = MergedDrafter([fresh(name) for name in key.split("+")], cost)
             note = " (min n-gram 1)" if "prompt-lookup-1" in key else ""
             engines.append(FreeEngine(runtime, merged, tree, note))
