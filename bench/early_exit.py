@@ -1,10 +1,11 @@
 """Early exit (CALM, lossy) on a real model: tokens/s against agreement with the full model, one run.
 
-One artifact compiled with `--early-exit` (exits at L/4, L/2, 3L/4, softmax gate); thresholds for a
-range of agreement targets are calibrated from one set of observations (compiler/early_exit.py) and
-set on the loaded artifact. Baseline: the same artifact's plain step graph (our AR). Agreement is
-measured on the outputs: the share of decoded tokens the full model would have chosen after the
-same prefix. Writes bench/results/early_exit.{json,md} and early_exit.png.
+One artifact compiled with `--early-exit` (exits at L/4, L/2, 3L/4, softmax gate); thresholds for
+a range of agreement targets are calibrated from one set of observations
+(compiler/drafters/exit_calibration.py) and set on the loaded artifact. Baseline: the same
+artifact's plain step graph (our AR). Agreement is measured on the outputs: the share of decoded
+tokens the full model would have chosen after the same prefix. Writes
+bench/results/early_exit.{json,md} and early_exit.png.
 
     .venv/bin/python bench/early_exit.py [--artifact ART] [--max-new-tokens 48]
 """
@@ -22,10 +23,10 @@ import torch
 
 import skiptree
 from skiptree.compiler.compile import calibration_prompts
-from skiptree.compiler.draft_vocab import frequent_tokens
-from skiptree.compiler.early_exit import ExitObservations, choose_threshold, observe_exits
+from skiptree.compiler.drafters.exit_calibration import ExitObservations, choose_threshold, observe_exits
+from skiptree.compiler.drafters.self_draft_search import target_continuations
+from skiptree.compiler.drafters.vocab import frequent_tokens
 from skiptree.compiler.options import CompileOptions
-from skiptree.compiler.self_draft_search import target_continuations
 from skiptree.models.loader import load_model
 from skiptree.models.zoo import fetch
 from skiptree.passes.insert_early_exit import EarlyExitSpec, parse_early_exit

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import skiptree
-from skiptree.compiler.tuner import measure_decode_ms, measure_draft_level_ms
+from skiptree.compiler.tune.measure import measure_decode_ms, measure_draft_level_ms
 from skiptree.models.zoo import fetch
 from skiptree.runtime.tree import TreeShape, chain
 

@@ -73,11 +73,11 @@ def stdlib_corpus() -> Path:
 def answers_corpus(model: str, folder: Path, texts: list[str], new_tokens: int = 128, chunk: int = 256
                    ) -> Path:  # fmt: skip
     """The target's own greedy answers (eager torch, batched) to `texts`, requests made from the
-    standard library's docstrings (compiler/self_distill.py; none is a benchmark prompt), one text
+    standard library's docstrings (compiler/train/self_distill.py; none is a benchmark prompt), one text
     file each, made once: a corpus of how this model writes, for `--corpus answers:N`. Resumable:
     answers are written `chunk` requests at a time into a .partial folder, and a rerun makes only
     the missing ones (batched greedy equals one-by-one greedy, so chunking changes no answer)."""
-    from skiptree.compiler.self_distill import distill
+    from skiptree.compiler.train.self_distill import distill
     from skiptree.models.loader import load_model
     from skiptree.runtime.generator import read_eos_token_ids
     from skiptree.runtime.tokenizer import Tokenizer
@@ -327,7 +327,7 @@ def main() -> None:
     if args.corpus == "stdlib":
         corpus, tag, corpus_kind = stdlib_corpus(), "", STDLIB
     else:
-        from skiptree.compiler.self_distill import docstring_prompts
+        from skiptree.compiler.train.self_distill import docstring_prompts
 
         texts = docstring_prompts(int(args.corpus.removeprefix("answers:")), seed=1)  # ~700 exist
         corpus = answers_corpus(args.model, folder, texts, args.answer_tokens)

@@ -23,7 +23,7 @@ import torch
 import skiptree
 from skiptree.compiler.compile import compile_model
 from skiptree.compiler.options import CompileOptions
-from skiptree.compiler.tuner import measure_decode_ms, measure_verify_ms
+from skiptree.compiler.tune.measure import measure_decode_ms, measure_verify_ms
 from skiptree.models.zoo import fetch
 
 RESULTS = Path(__file__).parent / "results"

@@ -20,19 +20,19 @@ import onnxruntime
 import torch
 
 import skiptree
-from skiptree.compiler.corpus_build import write_corpus
-from skiptree.compiler.draft import build_drafter
-from skiptree.compiler.draft_vocab import frequent_tokens
-from skiptree.compiler.early_exit import calibrate_early_exit
-from skiptree.compiler.ir import ModelIR
-from skiptree.compiler.lower_onnx import lower_to_onnx
+from skiptree.compiler.drafters.build import build_drafter
+from skiptree.compiler.drafters.corpus import write_corpus
+from skiptree.compiler.drafters.exit_calibration import calibrate_early_exit
+from skiptree.compiler.drafters.recycle_warm import write_warm_table
+from skiptree.compiler.drafters.verify_cost import measure_verify_cost
+from skiptree.compiler.drafters.vocab import frequent_tokens
+from skiptree.compiler.ir.graph import ModelIR
+from skiptree.compiler.ir.pass_manager import PassManager
+from skiptree.compiler.ir.trace import trace_model
+from skiptree.compiler.lower.to_onnx import lower_to_onnx
 from skiptree.compiler.options import CompileOptionError, CompileOptions, is_table_draft, table_sources
-from skiptree.compiler.pass_manager import PassManager
 from skiptree.compiler.pipeline import build_pipeline
-from skiptree.compiler.recycle_warm import write_warm_table
-from skiptree.compiler.trace import trace_model
-from skiptree.compiler.tuner import CALIBRATION_PROMPTS
-from skiptree.compiler.verify_cost import measure_verify_cost
+from skiptree.compiler.tune.measure import CALIBRATION_PROMPTS
 from skiptree.models.gguf_convert import atomic_folder
 from skiptree.models.gguf_grid import read_grid
 from skiptree.models.loader import load_model, weight_files
@@ -63,7 +63,7 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
           ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Lower the IR's graphs for the chosen backend; returns the manifest's graphs and backend entries."""
     if options.backend == "tvm":
-        from skiptree.compiler.lower_tvm import tvm_lowering
+        from skiptree.compiler.lower.to_tvm import tvm_lowering
 
         phase("lowering to TVM (torch.export -> Relax -> tvm.compile; about a minute for a 135M model)")
         files, backend = tvm_lowering(ir, building, options, phase)

@@ -134,7 +134,7 @@ class CompileOptions:
         return CompileOptions(**{**self.__dict__, "max_seq_len": max_seq_len})
 
     def _check_quantize(self) -> None:
-        from skiptree.compiler.quantize import parse_quantize
+        from skiptree.compiler.lower.quantize import parse_quantize
 
         for option, text in (("--quantize", self.quantize), ("--draft-quantize", self.draft_quantize)):
             if text is not None:
@@ -150,7 +150,7 @@ class CompileOptions:
                                      "use it with --draft self:..., feature-head:... or a draft model")
 
     def _check_corpus(self, path: Path) -> None:
-        from skiptree.compiler.corpus_build import check_corpus_size
+        from skiptree.compiler.drafters.corpus import check_corpus_size
 
         if not path.exists():
             raise CompileOptionError(f"--draft {self.draft}: no file or folder {path}",

@@ -10,9 +10,9 @@ A pass that is off keeps its place as nothing: the list is built, never branched
 
 from __future__ import annotations
 
+from skiptree.compiler.ir.pass_manager import Pass
+from skiptree.compiler.lower.quantize import parse_quantize
 from skiptree.compiler.options import CompileOptions
-from skiptree.compiler.pass_manager import Pass
-from skiptree.compiler.quantize import parse_quantize
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
 from skiptree.passes.insert_early_exit import InsertEarlyExit, parse_early_exit
 from skiptree.passes.insert_feature_head import FEATURE_PREFIX, InsertFeatureHead
@@ -24,7 +24,7 @@ from skiptree.passes.skip_layers import SELF_PREFIX, SkipLayers, parse_self_draf
 
 def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -> list[Pass]:
     """The passes a compile with these options runs, in order (`draft_vocab`: the token ids a shrunk
-    draft head keeps, counted by compiler/draft_vocab.py)."""
+    draft head keeps, counted by compiler/drafters/vocab.py)."""
     self_draft = parse_self_draft(options.draft) if (options.draft or "").startswith(SELF_PREFIX) else None
     adapter = str(options.draft_adapter) if options.draft_adapter else None
     structure: list[Pass] = [SkipLayers(self_draft, adapter)] if self_draft else []

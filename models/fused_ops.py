@@ -1,6 +1,6 @@
 """Fused ops for ONNX Runtime lowering: attention with rotary and cache append, and RMSNorm with
 the residual add. Each has an eager reference here and one ORT contrib node when lowered
-(`skiptree.compiler.onnx_contrib`).
+(`skiptree.compiler.lower.onnx_contrib`).
 
 `torch.ops.skiptree.group_query_attention` has the semantics of ONNX Runtime's contrib operator
 `com.microsoft.GroupQueryAttention` (do_rotary=1, past and present sharing one buffer) as skiptree

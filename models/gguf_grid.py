@@ -4,7 +4,7 @@ A converted GGUF folder holds every tensor dequantised to float32 (`model.safete
 that were Q4_0, Q4_1 or Q8_0 also keep their raw ggml blocks in `gguf_grid.safetensors` (uint8
 rows [out, in / 32 * block bytes], rows in HF order: llama's Q/K un-permuted like the floats), so
 `--quantize` can lower them to MatMulNBits on the very same grid instead of re-quantising a
-dequantised copy (`skiptree.compiler.quantize_grid`). Block layouts (32 weights along `in`):
+dequantised copy (`skiptree.compiler.lower.quantize_grid`). Block layouts (32 weights along `in`):
 
     Q4_0  fp16 d | 16 bytes of 4-bit q           w = d * (q - 8)
     Q4_1  fp16 d | fp16 m | 16 bytes of 4-bit q  w = d * q + m

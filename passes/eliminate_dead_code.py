@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from skiptree.compiler.ir import ModelIR
-from skiptree.compiler.pass_manager import Pass, PassResult
+from skiptree.compiler.ir.graph import ModelIR
+from skiptree.compiler.ir.pass_manager import Pass, PassResult
 
 
 @dataclass(frozen=True)

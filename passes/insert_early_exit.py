@@ -8,7 +8,7 @@ output head (untrained: CALM shares the head too); its confidence, by `gate`:
   softmax  max softmax probability
   margin   top-1 minus top-2 softmax probability
   cosine   cosine similarity of the hidden states before and after the last layer (saturation)
-is compared with the `threshold` input (calibrated at compile time, see compiler/early_exit.py;
+is compared with the `threshold` input (calibrated at compile time, see compiler/drafters/exit_calibration.py;
 a threshold above 1 never fires: the graph is then the full model).
 K/V of the skipped layers (CALM state propagation): layer j >= e caches the K/V its own projections
 make from the exit's hidden state, so later tokens attend a full-length cache in every layer.
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
-from skiptree.compiler.pass_manager import Pass, PassResult
-from skiptree.compiler.trace import STEP_INPUTS, example_caches, export_with_caches
+from skiptree.compiler.ir.graph import ModelIR, TensorSpec, build_block_view
+from skiptree.compiler.ir.pass_manager import Pass, PassResult
+from skiptree.compiler.ir.trace import STEP_INPUTS, example_caches, export_with_caches
 from skiptree.errors import SkiptreeError
 from skiptree.models.base import CausalLM
-from skiptree.passes.shrunk_head import ShrunkHead
+from skiptree.models.shrunk_head import ShrunkHead
 
 GATES = ("softmax", "margin", "cosine")
 NEVER = 2.0  # a threshold no gate reaches: the full model

@@ -1,6 +1,6 @@
 """InsertFeatureHead: add the "feature_draft" graph, a trained feature-level draft head (EAGLE).
 
-See compiler/feature_head.py for the head. The graph is one draft step over any number of tokens
+See models/feature_head.py for the head. The graph is one draft step over any number of tokens
 (a catch-up of several accepted tokens, or one tree level), with the step contract plus features:
 
     feature_draft(features [1, T, H], input_ids, positions, attn_bias, write_slots, k0, v0)
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from skiptree.compiler.feature_head import FeatureHead, load_feature_head
-from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
-from skiptree.compiler.pass_manager import Pass, PassResult
-from skiptree.compiler.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
+from skiptree.compiler.ir.graph import ModelIR, TensorSpec, build_block_view
+from skiptree.compiler.ir.pass_manager import Pass, PassResult
+from skiptree.compiler.ir.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
 from skiptree.models.base import CausalLM
-from skiptree.passes.shrunk_head import ShrunkHead
+from skiptree.models.feature_head import FeatureHead, load_feature_head
+from skiptree.models.shrunk_head import ShrunkHead
 
 FEATURE_PREFIX = "feature-head:"
 

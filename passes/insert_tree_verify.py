@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
-from skiptree.compiler.pass_manager import Pass, PassResult
-from skiptree.compiler.trace import example_caches, export_with_caches
+from skiptree.compiler.ir.graph import ModelIR, TensorSpec, build_block_view
+from skiptree.compiler.ir.pass_manager import Pass, PassResult
+from skiptree.compiler.ir.trace import example_caches, export_with_caches
 from skiptree.models.base import CausalLM, mask_value
 from skiptree.models.fused_ops import rotary_tables
 

@@ -4,7 +4,7 @@ Requires: traced step graphs. Guarantees: every graph of `role` ("target": the s
 early-exit graphs; "draft": the self-draft and feature-head graphs, or a draft model's step) that
 has linear layers carries this spec in `ir.weight_quantization`; graphs are otherwise unchanged.
 The ONNX lowering then replaces each of those graphs' constant-weight MatMuls by ONNX Runtime's
-`MatMulNBits` (`compiler/quantize.py`, ORT's own quantizer). The weights are quantised at lowering
+`MatMulNBits` (`compiler/lower/quantize.py`, ORT's own quantizer). The weights are quantised at lowering
 because ORT's quantizer works on ONNX, and because the same grid must reach the runtime as is.
 Drafts may be quantised harder than the target (int4 draft, int8 target): verification runs the
 target's graph, so decoding stays lossless with respect to the quantised target.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from skiptree.compiler.ir import ModelIR
-from skiptree.compiler.pass_manager import Pass, PassResult
-from skiptree.compiler.quantize import WeightQuantization
+from skiptree.compiler.ir.graph import ModelIR
+from skiptree.compiler.ir.pass_manager import Pass, PassResult
+from skiptree.compiler.lower.quantize import WeightQuantization
 
 DRAFT_GRAPHS = ("self_draft", "feature_draft")
 ROLES = ("target", "draft")

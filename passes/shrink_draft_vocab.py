@@ -1,7 +1,7 @@
 """ShrinkDraftVocab: a draft graph whose output head computes only the V most frequent target tokens.
 
 On CPU the output head is a large share of a draft step (SmolLM2-135M: 49152 x 576, ~0.2 of a full
-step). Restricting the draft's head to the target's V most frequent tokens (compiler/draft_vocab.py
+step). Restricting the draft's head to the target's V most frequent tokens (compiler/drafters/vocab.py
 counts them on the target's own outputs) cuts that cost by ~vocab/V; a draft can then never
 propose the other tokens, which only lowers acceptance. The verifier keeps the full head, so
 decoding stays lossless.
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from skiptree.compiler.ir import ModelIR
-from skiptree.compiler.pass_manager import Pass, PassResult
+from skiptree.compiler.ir.graph import ModelIR
+from skiptree.compiler.ir.pass_manager import Pass, PassResult
 from skiptree.passes.skip_layers import export_layer_subset
 
 

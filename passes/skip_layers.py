@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skiptree.compiler.exit_adapter import load_adapter
-from skiptree.compiler.ir import ModelIR, TensorSpec, build_block_view
-from skiptree.compiler.pass_manager import Pass, PassResult
-from skiptree.compiler.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
+from skiptree.compiler.ir.graph import ModelIR, TensorSpec, build_block_view
+from skiptree.compiler.ir.pass_manager import Pass, PassResult
+from skiptree.compiler.ir.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
 from skiptree.errors import SkiptreeError
 from skiptree.models.base import CausalLM
-from skiptree.passes.shrunk_head import ShrunkHead
+from skiptree.models.exit_adapter import load_adapter
+from skiptree.models.shrunk_head import ShrunkHead
 
 SELF_PREFIX = "self:"
 

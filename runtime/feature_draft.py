@@ -1,4 +1,4 @@
-"""The feature-head drafter at run time (EAGLE; see compiler/feature_head.py and
+"""The feature-head drafter at run time (EAGLE; see models/feature_head.py and
 passes/insert_feature_head.py).
 
 The decoder hands it the target's features (the verify graph's `features` output) for every token

@@ -34,7 +34,7 @@ from skiptree.runtime.tree import TreeShape
 EMPTY = -1
 PAIR_SLOTS = 1 << 16
 LANES = 32  # the strided top-k's lane count (see `top_candidates`)
-TABLE_FILE = "recycle_table.safetensors"  # a warm table in the artifact (compiler/recycle_warm.py)
+TABLE_FILE = "recycle_table.safetensors"  # a warm table in the artifact (compiler/drafters/recycle_warm.py)
 STATE_ARRAYS = ("table", "pair_keys", "pair_rows")  # what a warm start saves
 
 

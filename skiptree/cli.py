@@ -42,7 +42,7 @@ def read_prompts(path: Path) -> list[str]:
 def cmd_compile(args: argparse.Namespace) -> int:
     from skiptree.compiler.compile import compile_model
     from skiptree.compiler.options import CompileOptions
-    from skiptree.compiler.tune import tuned_options
+    from skiptree.compiler.tune.driver import tuned_options
 
     options = CompileOptions(
         backend=args.backend,
@@ -79,7 +79,7 @@ def train_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from skiptree.compiler.tune import BackendChoice, tune
+    from skiptree.compiler.tune.driver import BackendChoice, tune
 
     prompts = read_prompts(args.prompts) if args.prompts else None
     backend = BackendChoice(args.backend, args.trials, args.trials_per_task)
@@ -93,7 +93,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    from skiptree.compiler.tree_dp import solve_tree
+    from skiptree.compiler.tune.tree_dp import solve_tree
     from skiptree.runtime.tree import TreeSpecError
 
     try:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints written by transformers itself (safetensors)."""
+"""Shared fixtures: tiny random checkpoints written by transformers itself (safetensors), and the
+IR verifier after every pass (in every PassManager, and in `run_pass` for passes run by hand)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ import transformers
 TINY_LLAMA = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
                   bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def verify_after_every_pass():
+    """Every PassManager in the tests verifies the IR after each pass, whatever its `verify` says.
+    Session-wide and autouse, so it is on before any (session- or module-scoped) fixture compiles."""
+    from skiptree.compiler.ir.pass_manager import PassManager
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PassManager, "always_verify", True)
+        yield
+
+
+def run_pass(pass_, ir):
+    """Run one pass outside a PassManager, record it as the manager would, and verify the result."""
+    from skiptree.compiler.ir.graph import PassRecord, verify_ir
+
+    result = pass_.run(ir)
+    result.ir.passes_run.append(PassRecord(pass_.name, pass_.options(), result.modified))
+    verify_ir(result.ir, after_pass=pass_.name)
+    return result
 
 
 def write_tiny_model(folder, config, seed: int = 0, dtype=torch.float32):
@@ -55,3 +77,28 @@ def tiny_llama(tmp_path):
     """(folder, transformers model) of a tiny random Llama."""
     folder = tmp_path / "tiny-llama"
     return folder, write_tiny_model(folder, transformers.LlamaConfig(**TINY_LLAMA))
+
+
+def ops_by_block(ir, graph: str) -> dict[str, int]:
+    """How many ATen ops (call_function nodes) each block owns in step graph `graph` (top level)."""
+    counts: dict[str, int] = {}
+    for node in ir.graphs[graph].graph.nodes:
+        if node.op == "call_function":
+            counts[node.meta["block"]] = counts.get(node.meta["block"], 0) + 1
+    return counts
+
+
+def ops_by_layer(ir, graph: str) -> dict[int, int]:
+    """How many ops of `graph` each decoder layer owns (its layer block and its attn / mlp parts)."""
+    counts: dict[int, int] = {}
+    for block, count in ops_by_block(ir, graph).items():
+        if block.startswith("layers."):
+            layer = int(block.split(".")[1])
+            counts[layer] = counts.get(layer, 0) + count
+    return counts
+
+
+def count_calls(ir, graph: str, target) -> int:
+    """How many calls of ATen op `target` the top level of `graph` makes."""
+    nodes = ir.graphs[graph].graph.nodes
+    return sum(1 for node in nodes if node.op == "call_function" and node.target == target)

@@ -12,8 +12,8 @@ import torch
 import transformers
 from conftest import TINY_LLAMA, write_tiny_model
 
-from skiptree.compiler.onnx_contrib import TRANSLATIONS, drop_unused_contrib_outputs
-from skiptree.compiler.trace import trace_model
+from skiptree.compiler.ir.trace import trace_model
+from skiptree.compiler.lower.onnx_contrib import TRANSLATIONS, drop_unused_contrib_outputs
 from skiptree.models.fused_ops import group_query_attention, rotary_tables, skip_rms_norm
 from skiptree.models.llama import RMSNorm
 from skiptree.models.loader import load_model

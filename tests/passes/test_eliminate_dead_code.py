@@ -6,8 +6,8 @@ import torch
 import transformers
 from conftest import TINY_LLAMA, write_tiny_model
 
-from skiptree.compiler.ir import verify_ir
-from skiptree.compiler.trace import example_step_inputs, trace_model
+from skiptree.compiler.ir.graph import verify_ir
+from skiptree.compiler.ir.trace import example_step_inputs, trace_model
 from skiptree.models.loader import load_model
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
 

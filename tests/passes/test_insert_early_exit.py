@@ -11,7 +11,7 @@ import transformers
 from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
 
 import skiptree
-from skiptree.compiler.draft_vocab import frequent_tokens
+from skiptree.compiler.drafters.vocab import frequent_tokens
 from skiptree.compiler.options import CompileOptionError
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper

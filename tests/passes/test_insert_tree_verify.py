@@ -8,8 +8,8 @@ from conftest import TINY_LLAMA, write_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skiptree.compiler.ir import verify_ir
-from skiptree.compiler.trace import trace_model
+from skiptree.compiler.ir.graph import verify_ir
+from skiptree.compiler.ir.trace import trace_model
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
 from skiptree.passes.insert_tree_verify import InsertTreeVerify, tree_ancestors

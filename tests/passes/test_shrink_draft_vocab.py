@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import skiptree
-from skiptree.compiler.draft_vocab import frequent_tokens
+from skiptree.compiler.drafters.vocab import frequent_tokens
 from skiptree.compiler.options import CompileOptionError
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper

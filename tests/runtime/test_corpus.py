@@ -148,7 +148,7 @@ def test_bad_corpus_options_are_refused(tiny_artifact, tmp_path, draft, message)
 
 
 def test_a_corpus_over_the_limit_is_refused(tiny_artifact, tmp_path, monkeypatch):
-    from skiptree.compiler import corpus_build
+    from skiptree.compiler.drafters import corpus as corpus_build
 
     folder, _ = tiny_artifact
     (tmp_path / "docs").mkdir()

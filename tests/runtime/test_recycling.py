@@ -119,7 +119,7 @@ def test_the_warm_table_round_trips_through_the_artifact(recycling, tiny_artifac
     from safetensors.numpy import load_file
 
     from skiptree.compiler.compile import calibration_prompts
-    from skiptree.compiler.recycle_warm import warm_state
+    from skiptree.compiler.drafters.recycle_warm import warm_state
     from skiptree.models.loader import load_model
     from skiptree.runtime.tokenizer import Tokenizer
 
@@ -145,7 +145,7 @@ def test_the_warm_table_round_trips_through_the_artifact(recycling, tiny_artifac
 def test_a_warm_pair_row_drafts_the_calibration_continuation(tiny_artifact):
     """The warm pair cache holds what the target predicted after a calibration pair: a fresh
     decoder drafts it on the first step, before any verify step has run."""
-    from skiptree.compiler.recycle_warm import warm_state
+    from skiptree.compiler.drafters.recycle_warm import warm_state
     from skiptree.models.loader import load_model
 
     folder, _ = tiny_artifact

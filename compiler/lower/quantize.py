@@ -1,0 +1,157 @@
+"""Weight-only quantisation of ONNX step graphs: every constant-weight MatMul -> `MatMulNBits`.
+
+ONNX Runtime's own tooling does the work (`MatMulNBitsQuantizer`: round-to-nearest, asymmetric,
+block-wise along the input dim, a float scale and an integer zero point per block). What we add:
+- the option string (`--quantize int8|int4[:block=32][,head=no][,accuracy=0]`) as a typed spec;
+- the tied output head: exported as `MatMul(x, Transpose(embedding))`, which the quantizer skips
+  (its weight is not a constant); with `head=yes` (default) the transpose is folded into a stored
+  weight first, so the head (49152 x 576 in SmolLM2: a fifth of the model) is quantised too;
+- `accuracy=4` (default) lets MatMulNBits quantise activations to int8 per block and use integer
+  dot products (fastest on CPU); `accuracy=0` computes in float32 on the dequantised weights.
+A GGUF source's Q4_0 / Q4_1 / Q8_0 matrices keep their own grid (`quantize_grid.py`) whatever
+the bits asked, with block 32 (ggml's); `block=N` other than 32 re-quantises everything.
+A quantised artifact is a different model from the float one: speculative decoding is lossless
+with respect to it (its verify graph is the quantised target), and `compile --check` reports its
+logit error against the float model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from skiptree.errors import SkiptreeError
+
+USAGE = "write --quantize int8 or int4, optionally int4:block=32,head=no,accuracy=0"
+
+
+class QuantizeError(SkiptreeError):
+    """A --quantize option that cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """`bits` 4 or 8; `block_size` inputs per scale (a power of two >= 16); `head`: quantise the
+    output head too; `accuracy_level`: MatMulNBits' compute type (0 float32, 4 int8)."""
+
+    bits: int
+    block_size: int = 32
+    head: bool = True
+    accuracy_level: int = 4
+
+    @property
+    def label(self) -> str:
+        head = "" if self.head else ", float head"
+        return f"int{self.bits} weights (block {self.block_size}{head})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bits": self.bits, "block_size": self.block_size, "head": self.head,
+                "accuracy_level": self.accuracy_level}  # fmt: skip
+
+
+def parse_quantize(text: str) -> WeightQuantization:
+    """`int8`, `int4`, `int4:block=64`, `int8:head=no,accuracy=0` -> WeightQuantization."""
+    kind, _, rest = text.partition(":")
+    if kind not in ("int8", "int4"):
+        raise QuantizeError(f"--quantize {text!r}: unknown precision {kind!r}", USAGE)
+    fields: dict[str, Any] = {"bits": int(kind[3:])}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key == "block" and re.fullmatch(r"\d+", value):
+            fields["block_size"] = int(value)
+        elif key == "head" and value in ("yes", "no"):
+            fields["head"] = value == "yes"
+        elif key == "accuracy" and value in ("0", "4"):
+            fields["accuracy_level"] = int(value)
+        else:
+            raise QuantizeError(f"--quantize {text!r}: cannot read {item!r}", USAGE)
+    spec = WeightQuantization(**fields)
+    block = spec.block_size
+    if block < 16 or block & (block - 1):
+        raise QuantizeError(f"--quantize {text!r}: block {block} is not a power of two >= 16",
+                            "use block=16, 32, 64, 128 or 256")  # fmt: skip
+    return spec
+
+
+def fold_transposed_weights(model: onnx.ModelProto) -> int:
+    """`MatMul(x, Transpose(W))` with W an initializer -> `MatMul(x, W_t)`, W_t stored transposed.
+    Returns how many were folded (the tied head; the original W stays for the embedding)."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    folded = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in producers:
+            continue
+        transpose = producers[node.input[1]]
+        if transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        if perm not in (None, [1, 0]) or consumers[node.input[1]] != 1:
+            continue
+        weight = numpy_helper.to_array(initializers[transpose.input[0]], base_dir="")
+        name = f"{transpose.input[0]}_transposed"
+        stored = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+        graph.initializer.append(stored)
+        node.input[1] = stored.name
+        folded.append(transpose)
+    for transpose in folded:  # (not while iterating over the nodes)
+        graph.node.remove(transpose)
+    return len(folded)
+
+
+def head_matmuls(model: onnx.ModelProto, vocab_size: int) -> list[str]:
+    """MatMul nodes with a constant [hidden, vocab_size] weight: the output head."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and shapes.get(node.input[1], (0, 0))[-1:] == (vocab_size,)]
+
+
+def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
+                       grid: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Quantise one exported graph in place (`path` + its external data); returns what was done.
+    `grid`: a GGUF source's Q4_0 / Q4_1 / Q8_0 matrices (`read_grid`), lowered on their own grid
+    when the block size is ggml's 32 (`compiler/lower/quantize_grid.py`); the rest is quantised here."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from skiptree.compiler.lower.quantize_grid import apply_grid
+    from skiptree.models.gguf_grid import BLOCK
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    model = onnx.load(str(path), load_external_data=True)
+    before = sum(1 for node in model.graph.node if node.op_type == "MatMul")
+    folded = fold_transposed_weights(model) if spec.head else 0
+    kept = [] if spec.head else head_matmuls(model, vocab_size)
+    on_grid, added = {}, []
+    if grid and spec.block_size == BLOCK:  # ggml's block: only then is the grid the requested one
+        on_grid, added = apply_grid(model, grid, spec.accuracy_level, skip=set(kept))
+    logger = logging.getLogger("onnxruntime.quantization")
+    level, logger.level = logger.level, logging.WARNING  # one INFO line per node otherwise
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
+                                         is_symmetric=False, accuracy_level=spec.accuracy_level,
+                                         nodes_to_exclude=kept + added)  # fmt: skip
+        quantizer.process()
+    finally:
+        logger.level = level
+    quantized = quantizer.model.model
+    if data.exists():
+        data.unlink()
+    onnx.save(quantized, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data.name, size_threshold=1024)  # fmt: skip
+    kinds = [node.op_type for node in quantized.graph.node]
+    return {**spec.to_json(), "quantized_matmuls": kinds.count("MatMulNBits"),
+            "float_matmuls": kinds.count("MatMul"), "matmuls_before": before,
+            "head_folded": folded, "gguf_grid": on_grid}  # fmt: skip

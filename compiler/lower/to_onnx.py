@@ -1,0 +1,85 @@
+"""Lower the IR's step graphs to ONNX files that ONNX Runtime runs.
+
+`torch.onnx.export(ExportedProgram, dynamo=True)` translates each graph; the onnxscript optimizer
+folds constants; weights go to one external-data file per graph (`step.onnx.data`), so models
+past protobuf's 2 GB limit work the same way. Each cache write is one ScatterND whose output the
+runtime binds to its input buffer (see `skiptree.runtime.onnx_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from skiptree.compiler.ir.graph import ModelIR, StepGraph
+from skiptree.compiler.lower.onnx_contrib import (
+    TRANSLATIONS,
+    drop_unused_contrib_outputs,
+    pack_attention_projections,
+)
+from skiptree.compiler.lower.quantize import quantize_onnx_file
+
+
+def _rename_dynamic_dims(model: onnx.ModelProto, step: StepGraph) -> None:
+    """Export names the token dim after its symbol (e.g. `s18`); give I/O our names back."""
+    specs = {spec.name: spec for spec in [*step.inputs, *step.outputs]}
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = specs[value.name]
+        for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape, strict=True):
+            if isinstance(size, str):
+                dim.dim_param = size
+
+
+def export_onnx(step: StepGraph, path: Path) -> Path:
+    """Write one step graph as `path` (+ `path.data` holding the weights)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # exporter chatter (torchvision ops, pytree notices)
+        for name in ("torch.onnx", "onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            step.program,
+            input_names=[spec.name for spec in step.inputs],
+            output_names=[spec.name for spec in step.outputs],
+            dynamo=True,
+            custom_translation_table=TRANSLATIONS,  # fused ops -> ORT contrib ops
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=True)
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
+    _rename_dynamic_dims(model, step)
+    drop_unused_contrib_outputs(model)
+    if not any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
+        onnx.save(model, str(path))
+        return path
+    data = path.with_name(path.name + ".data")  # packing q/k/v writes new weights: load them
+    onnx.load_external_data_for_model(model, str(path.parent))
+    pack_attention_projections(model)
+    data.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)  # fmt: skip
+    return path
+
+
+def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, dict]:
+    """Export the IR's graphs into `folder`; returns graph name -> {"file", "quantization"}.
+
+    With a verify graph the step graph is not exported: a chain tree is a causal step, so the
+    verify graph serves both, and the artifact (and memory) holds the weights once. Graphs that
+    QuantizeWeights marked get their constant-weight MatMuls quantised (`compiler/lower/quantize.py`).
+    """
+    files = {}
+    for name, step in ir.graphs.items():
+        if name == "step" and "verify" in ir.graphs:
+            continue
+        path = export_onnx(step, Path(folder) / f"{name}.onnx")
+        spec = ir.weight_quantization.get(name)
+        quantization = quantize_onnx_file(path, spec, ir.config.vocab_size, ir.weight_grid) if spec else None
+        files[name] = {"file": path.name, "quantization": quantization}
+    return files
