@@ -27,9 +27,9 @@ from skiptree.compiler.drafters.exit_calibration import ExitObservations, choose
 from skiptree.compiler.drafters.self_draft_search import target_continuations
 from skiptree.compiler.drafters.vocab import frequent_tokens
 from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.specs import EarlyExitSpec, parse_early_exit
 from skiptree.models.loader import load_model
 from skiptree.models.zoo import fetch
-from skiptree.passes.insert_early_exit import EarlyExitSpec, parse_early_exit
 from skiptree.runtime.generation import generate_tokens
 from skiptree.runtime.onnx_step import GraphStepModel
 from skiptree.runtime.tokenizer import Tokenizer

@@ -30,15 +30,15 @@ from skiptree.compiler.ir.graph import ModelIR
 from skiptree.compiler.ir.pass_manager import PassManager
 from skiptree.compiler.ir.trace import trace_model
 from skiptree.compiler.lower.to_onnx import lower_to_onnx
-from skiptree.compiler.options import CompileOptionError, CompileOptions, is_table_draft, table_sources
+from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pipeline import build_pipeline
+from skiptree.compiler.specs import CompileOptionError, FreeDraft
 from skiptree.compiler.tune.measure import CALIBRATION_PROMPTS
 from skiptree.models.gguf_convert import atomic_folder
 from skiptree.models.gguf_grid import read_grid
 from skiptree.models.loader import load_model, weight_files
 from skiptree.models.reference import ReferenceStepper
 from skiptree.models.source import resolve_model_dir
-from skiptree.passes.insert_early_exit import parse_early_exit
 from skiptree.runtime.artifact import open_backend, step_model_of
 from skiptree.runtime.device import device_description, device_fingerprint
 from skiptree.runtime.generator import read_eos_token_ids
@@ -117,16 +117,16 @@ def free_drafter_state(options: CompileOptions, model, tokenizer, building: Path
                        ) -> dict[str, Any]:  # fmt: skip
     """What free drafters carry in the artifact: a warm recycling table, a corpus datastore."""
     state: dict[str, Any] = {}
-    for source in table_sources(options.draft) or ():
+    draft = options.free_draft
+    for source in draft.sources if draft else ():
         if source == "recycle":
             phase("warming the Token Recycling table on the calibration prompts (eager torch)")
             prompts = calibration_prompts(options, tokenizer)
             state["recycle"] = write_warm_table(model, prompts, building, options.max_seq_len)
             log(f"         {state['recycle']['rows_filled']} token rows filled")
-        if source.startswith("corpus:"):
-            path = Path(source.removeprefix("corpus:"))
-            phase(f"building the corpus lookup datastore from {path}")
-            state["corpus"] = write_corpus(path, tokenizer, building, log)
+        if source == "corpus":
+            phase(f"building the corpus lookup datastore from {draft.corpus}")
+            state["corpus"] = write_corpus(draft.corpus, tokenizer, building, log)
     return state
 
 
@@ -156,7 +156,7 @@ def compile_model(
     if options.quantize or options.draft_quantize:  # a GGUF source's grid is kept where it maps
         ir.weight_grid = read_grid(folder)
     draft_vocab, coverage = (), None
-    size = options.draft_vocab or (parse_early_exit(options.early_exit).vocab if options.early_exit else 0)
+    size = options.draft_vocab or (options.early_exit.vocab if options.early_exit else 0)
     if size:
         phase(f"counting the target's {size} most frequent output tokens for the draft / exit heads")
         prompts = calibration_prompts(options, tokenizer)
@@ -178,10 +178,10 @@ def compile_model(
                 f"argmax agreement {check['argmax_agreement']:.2f} over {check['steps']} steps")
         speculative = None
         if options.draft:
-            phase(f"building the drafter ({options.draft}, tree {options.tree})")
+            phase(f"building the drafter ({options.draft}, tree {options.tree.spec})")
             speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
             speculative.update(free_drafter_state(options, ir.model, tokenizer, building, phase, log))
-            if is_table_draft(options.draft) and backend["name"] == "onnxruntime":
+            if isinstance(options.draft, FreeDraft) and backend["name"] == "onnxruntime":
                 phase("measuring the verify cost T(n) on this machine (the free drafters' per-step gate)")
                 speculative["verify_cost"] = cost = measure_verify_cost(
                     building, {"graphs": graphs, "speculative": speculative, "backend": backend,
@@ -194,7 +194,7 @@ def compile_model(
         early_exit = None
         if options.early_exit:
             phase(f"calibrating early exit ({options.early_exit}) on the full model's own continuations")
-            spec = parse_early_exit(options.early_exit).resolved(ir.config.num_layers)
+            spec = options.early_exit.resolved(ir.config.num_layers)
             prompts = calibration_prompts(options, tokenizer)
             early_exit = calibrate_early_exit(model, prompts, spec, draft_vocab, log)
             early_exit["exit_head_tokens"] = len(draft_vocab) or ir.config.vocab_size

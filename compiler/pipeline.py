@@ -11,29 +11,29 @@ A pass that is off keeps its place as nothing: the list is built, never branched
 from __future__ import annotations
 
 from skiptree.compiler.ir.pass_manager import Pass
-from skiptree.compiler.lower.quantize import parse_quantize
 from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.specs import FeatureHeadDraft, SelfDraftSpec
 from skiptree.passes.eliminate_dead_code import EliminateDeadCode
-from skiptree.passes.insert_early_exit import InsertEarlyExit, parse_early_exit
-from skiptree.passes.insert_feature_head import FEATURE_PREFIX, InsertFeatureHead
+from skiptree.passes.insert_early_exit import InsertEarlyExit
+from skiptree.passes.insert_feature_head import InsertFeatureHead
 from skiptree.passes.insert_tree_verify import InsertTreeVerify
 from skiptree.passes.quantize_weights import QuantizeWeights
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
-from skiptree.passes.skip_layers import SELF_PREFIX, SkipLayers, parse_self_draft
+from skiptree.passes.skip_layers import SkipLayers
 
 
 def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -> list[Pass]:
     """The passes a compile with these options runs, in order (`draft_vocab`: the token ids a shrunk
     draft head keeps, counted by compiler/drafters/vocab.py)."""
-    self_draft = parse_self_draft(options.draft) if (options.draft or "").startswith(SELF_PREFIX) else None
+    self_draft = options.draft if isinstance(options.draft, SelfDraftSpec) else None
     adapter = str(options.draft_adapter) if options.draft_adapter else None
     structure: list[Pass] = [SkipLayers(self_draft, adapter)] if self_draft else []
     if self_draft and draft_vocab:
         structure.append(ShrinkDraftVocab(draft_vocab, "self_draft"))
-    if (options.draft or "").startswith(FEATURE_PREFIX):
-        structure.append(InsertFeatureHead(options.draft.removeprefix(FEATURE_PREFIX), draft_vocab))
+    if isinstance(options.draft, FeatureHeadDraft):
+        structure.append(InsertFeatureHead(str(options.draft.weights), draft_vocab))
     if options.early_exit:
-        structure.append(InsertEarlyExit(parse_early_exit(options.early_exit), draft_vocab))
+        structure.append(InsertEarlyExit(options.early_exit, draft_vocab))
     # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.
     first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
     fused = options.backend == "onnxruntime"  # ORT's GroupQueryAttention; TVM keeps the decomposed ops
@@ -42,5 +42,5 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     verification: list[Pass] = [verify] if options.draft or plain else []
     cleanup: list[Pass] = [EliminateDeadCode()]
     roles = (("target", options.quantize), ("draft", options.draft_quantize))
-    precision: list[Pass] = [QuantizeWeights.of(parse_quantize(text), role) for role, text in roles if text]
+    precision: list[Pass] = [QuantizeWeights.of(spec, role) for role, spec in roles if spec]
     return [*structure, *verification, *cleanup, *precision]

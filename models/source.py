@@ -24,35 +24,42 @@ def _accepted() -> str:
     return ACCEPTED.format(names=", ".join(supported_names()))
 
 
+def check_model_source(spec: str | Path, option: str = "model") -> None:
+    """Refuse a `spec` that names no model, without fetching or converting anything (cheap: run it
+    before any work). `option` names where the spec came from in the message."""
+    path = Path(spec).expanduser()
+    where = "" if option == "model" else f"{option} "
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{where}{path} has no config.json", f"pass {_accepted()}")
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelSourceError(f"{where}{path} is a file but not a .gguf file", f"pass {_accepted()}")
+    elif isinstance(spec, str) and spec in zoo_names():
+        return
+    elif isinstance(spec, Path) or _looks_like_path(str(spec)):
+        raise ModelSourceError(f"{where}no such file or folder: {spec}", f"pass {_accepted()}")
+    else:
+        raise ModelSourceError(f"{where}{str(spec)!r} is not a model folder, a .gguf file or a zoo name",
+                               f"pass {_accepted()}")  # fmt: skip
+
+
 def resolve_model_dir(spec: str | Path, progress: bool = True) -> Path:
     """A local HF model folder for `spec` (zoo name, HF folder or .gguf file); see module doc."""
+    check_model_source(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _hf_folder(path)
+        return path
     if path.is_file():
         return _converted_gguf(path, progress)
-    if isinstance(spec, str) and spec in zoo_names():
-        return fetch(spec, progress=progress)
-    if isinstance(spec, Path) or _looks_like_path(str(spec)):
-        raise ModelSourceError(f"no such file or folder: {spec}", f"pass {_accepted()}")
-    raise ModelSourceError(
-        f"{spec!r} is not a model folder, a .gguf file or a zoo name", f"pass {_accepted()}"
-    )
+    return fetch(str(spec), progress=progress)
 
 
 def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.startswith((".", "~")) or text.endswith(".gguf")
 
 
-def _hf_folder(path: Path) -> Path:
-    if not (path / "config.json").is_file():
-        raise ModelSourceError(f"{path} has no config.json", f"pass {_accepted()}")
-    return path
-
-
 def _converted_gguf(path: Path, progress: bool) -> Path:
-    if path.suffix.lower() != ".gguf":
-        raise ModelSourceError(f"{path} is a file but not a .gguf file", f"pass {_accepted()}")
     stat = path.resolve().stat()
     digest = _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     dest = skiptree_home() / "converted" / f"{digest[:16]}-{path.stem}"

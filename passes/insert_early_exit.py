@@ -26,53 +26,11 @@ from torch import nn
 from skiptree.compiler.ir.graph import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.ir.pass_manager import Pass, PassResult
 from skiptree.compiler.ir.trace import STEP_INPUTS, example_caches, export_with_caches
-from skiptree.errors import SkiptreeError
+from skiptree.compiler.specs import EarlyExitSpec
 from skiptree.models.base import CausalLM
 from skiptree.models.shrunk_head import ShrunkHead
 
-GATES = ("softmax", "margin", "cosine")
 NEVER = 2.0  # a threshold no gate reaches: the full model
-
-
-class EarlyExitError(SkiptreeError):
-    """An --early-exit option that cannot be honoured."""
-
-
-@dataclass(frozen=True)
-class EarlyExitSpec:
-    """`--early-exit min-agreement=0.95[,exits=8+16][,gate=softmax][,vocab=8192]` (exits default:
-    L/4, L/2, 3L/4; vocab: exit heads keep only the target's most frequent tokens, 0 = all)."""
-
-    min_agreement: float
-    exits: tuple[int, ...] = ()
-    gate: str = "softmax"
-    vocab: int = 0
-
-    def resolved(self, num_layers: int) -> EarlyExitSpec:
-        """With default exits filled in; refuses exits that are not strictly inside the model."""
-        exits = self.exits or tuple(sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)}))
-        if any(not 1 <= e < num_layers for e in exits) or list(exits) != sorted(set(exits)):
-            raise EarlyExitError(f"exits {'+'.join(map(str, exits))} are not increasing layers in "
-                                 f"1..{num_layers - 1}", "write e.g. exits=8+16 (the model has "
-                                 f"{num_layers} layers)")  # fmt: skip
-        return EarlyExitSpec(self.min_agreement, exits, self.gate, self.vocab)
-
-
-def parse_early_exit(text: str) -> EarlyExitSpec:
-    usage = "write --early-exit min-agreement=0.95[,exits=8+16][,gate=softmax|margin|cosine][,vocab=8192]"
-    fields = dict(part.partition("=")[::2] for part in text.split(",") if part)
-    unknown = set(fields) - {"min-agreement", "exits", "gate", "vocab"}
-    try:
-        agreement = float(fields["min-agreement"])
-        exits = tuple(int(e) for e in fields["exits"].split("+")) if "exits" in fields else ()
-        vocab = int(fields.get("vocab", 0))
-    except (KeyError, ValueError):
-        raise EarlyExitError(f"cannot read --early-exit '{text}'", usage) from None
-    gate = fields.get("gate", "softmax")
-    if unknown or gate not in GATES or not 0.0 < agreement <= 1.0 or vocab < 0:
-        raise EarlyExitError(f"cannot read --early-exit '{text}' (min-agreement is in (0, 1], gate one of "
-                             f"{', '.join(GATES)})", usage)  # fmt: skip
-    return EarlyExitSpec(agreement, exits, gate, vocab)
 
 
 def gate_confidence(

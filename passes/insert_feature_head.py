@@ -25,8 +25,6 @@ from skiptree.models.base import CausalLM
 from skiptree.models.feature_head import FeatureHead, load_feature_head
 from skiptree.models.shrunk_head import ShrunkHead
 
-FEATURE_PREFIX = "feature-head:"
-
 
 class FeatureDraftModule(nn.Module):
     def __init__(self, model: CausalLM, head: FeatureHead, vocab: torch.Tensor | None = None):

@@ -18,7 +18,7 @@ import torch
 
 from skiptree.compiler.ir.graph import ModelIR
 from skiptree.compiler.ir.pass_manager import Pass, PassResult
-from skiptree.compiler.lower.quantize import WeightQuantization
+from skiptree.compiler.specs import WeightQuantization
 
 DRAFT_GRAPHS = ("self_draft", "feature_draft")
 ROLES = ("target", "draft")

@@ -24,78 +24,10 @@ from torch import nn
 from skiptree.compiler.ir.graph import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.ir.pass_manager import Pass, PassResult
 from skiptree.compiler.ir.trace import STEP_INPUTS, example_caches, example_step_inputs, export_with_caches
-from skiptree.errors import SkiptreeError
+from skiptree.compiler.specs import SelfDraftSpec
 from skiptree.models.base import CausalLM
 from skiptree.models.exit_adapter import load_adapter
 from skiptree.models.shrunk_head import ShrunkHead
-
-SELF_PREFIX = "self:"
-
-
-class SelfDraftError(SkiptreeError):
-    """A self-draft spec that names no usable layer set."""
-
-
-@dataclass(frozen=True)
-class SelfDraftSpec:
-    """Which of the target's layers a self-draft runs: `kind` "exit" (layers 0..exit-1) or "skip"."""
-
-    kind: str
-    exit_layer: int = 0  # kind "exit"
-    skipped: tuple[int, ...] = ()  # kind "skip"
-
-    def kept(self, num_layers: int) -> list[int]:
-        if self.kind == "exit":
-            return list(range(self.exit_layer))
-        return [i for i in range(num_layers) if i not in self.skipped]
-
-    def __str__(self) -> str:
-        if self.kind == "exit":
-            return f"self:exit={self.exit_layer}"
-        return f"self:skip={format_layers(self.skipped)}"
-
-    def check(self, num_layers: int) -> SelfDraftSpec:
-        """Refuse layer sets that do not fit a model with `num_layers` layers."""
-        if self.kind == "exit" and not 1 <= self.exit_layer < num_layers:
-            raise SelfDraftError(f"self:exit={self.exit_layer} is outside 1..{num_layers - 1} "
-                                 f"(the model has {num_layers} layers)",
-                                 "pick an exit layer in that range")  # fmt: skip
-        bad = [i for i in self.skipped if not 0 <= i < num_layers]
-        if bad or (self.kind == "skip" and len(self.skipped) >= num_layers):
-            raise SelfDraftError(f"self:skip={format_layers(self.skipped)} does not fit {num_layers} layers",
-                                 f"skip some, not all, of the layers 0..{num_layers - 1}")  # fmt: skip
-        return self
-
-
-def format_layers(layers: tuple[int, ...]) -> str:
-    """(4, 5, 6, 9) -> "4-6,9"."""
-    runs: list[list[int]] = []
-    for layer in sorted(layers):
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
-
-
-def parse_self_draft(text: str) -> SelfDraftSpec:
-    """ "self:exit=8" or "self:skip=4-9,15" -> SelfDraftSpec (layer ranges inclusive)."""
-    usage = "write --draft self:exit=E or self:skip=4-9,15 (layer indices, inclusive ranges) or self:auto"
-    body = text.removeprefix(SELF_PREFIX)
-    kind, _, value = body.partition("=")
-    try:
-        if kind == "exit":
-            return SelfDraftSpec("exit", exit_layer=int(value))
-        if kind == "skip":
-            layers: set[int] = set()
-            for part in value.split(","):
-                low, _, high = part.partition("-")
-                layers.update(range(int(low), int(high or low) + 1))
-            if layers:
-                return SelfDraftSpec("skip", skipped=tuple(sorted(layers)))
-    except ValueError:
-        pass
-    raise SelfDraftError(f"cannot read the self-draft '{text}'", usage)
 
 
 class LayerSubsetModule(nn.Module):

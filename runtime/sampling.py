@@ -7,6 +7,7 @@ numpy only, so compiled artifacts and the torch reference share it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
+        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise GenerationError(
                 f"temperature must be > 0 when sampling, got {self.temperature}",
                 "pass a positive --temperature, or do_sample=False for greedy decoding",

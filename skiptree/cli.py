@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -145,7 +146,21 @@ def _precision(generator) -> str:
     return generator.precision if hasattr(generator, "precision") else "float32 (eager reference)"
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse sampling values that mean nothing, before the model is loaded."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise SkiptreeError(f"--temperature {args.temperature} is not a number >= 0",
+                            "pass 0 for greedy decoding or a positive temperature to sample")  # fmt: skip
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise SkiptreeError(f"--top-p {args.top_p} is outside (0, 1]", "pass 1.0 to disable it")
+    if args.top_k < 0:
+        raise SkiptreeError(f"--top-k {args.top_k} is negative", "pass 0 to disable it")
+    if args.max_new_tokens < 1:
+        raise SkiptreeError(f"--max-new-tokens {args.max_new_tokens} is below 1", "pass at least 1")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_generate_args(args)
     generator = _load_generator(args.model, args)
     streaming = not args.json
 

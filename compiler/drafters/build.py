@@ -11,19 +11,17 @@ from typing import Any
 import torch
 
 from skiptree.compiler.ir.trace import trace_model
-from skiptree.compiler.lower.quantize import parse_quantize, quantize_onnx_file
+from skiptree.compiler.lower.quantize import quantize_onnx_file
 from skiptree.compiler.lower.to_onnx import export_onnx
-from skiptree.compiler.options import CompileOptionError, CompileOptions, table_sources
+from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.specs import CompileOptionError, FeatureHeadDraft, FreeDraft, SelfDraftSpec
 from skiptree.models.config import ModelConfig
 from skiptree.models.exit_adapter import load_trained
 from skiptree.models.feature_head import KIND
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
-from skiptree.passes.insert_feature_head import FEATURE_PREFIX
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
-from skiptree.passes.skip_layers import SELF_PREFIX, parse_self_draft
 from skiptree.runtime.tokenizer import Tokenizer
-from skiptree.runtime.tree import parse_tree
 
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_source: str) -> None:
@@ -39,23 +37,22 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
                   building: Path, log: Callable[[str], None], draft_vocab: tuple[int, ...] = ()
                   ) -> dict[str, Any]:  # fmt: skip
     """Compile the drafter into the artifact folder; returns its manifest entry."""
-    shape = parse_tree(options.tree)
-    entry: dict[str, Any] = {"tree": shape.to_json(), "max_tree": options.max_tree}
-    sources = table_sources(options.draft)
-    if sources is not None:  # their state (a warm table, a corpus) is added by compile
-        names = [source.split(":")[0] for source in sources]
+    entry: dict[str, Any] = {"tree": options.tree.to_json(), "max_tree": options.max_tree}
+    draft = options.draft
+    if isinstance(draft, FreeDraft):  # their state (a warm table, a corpus) is added by compile
+        names = list(draft.sources)
         return {**entry, "drafter": "+".join(names), "sources": names}
-    if options.draft.startswith(FEATURE_PREFIX):  # the graph came from the InsertFeatureHead pass
-        _, record = load_trained(Path(options.draft.removeprefix(FEATURE_PREFIX)), KIND)
+    if isinstance(draft, FeatureHeadDraft):  # the graph came from the InsertFeatureHead pass
+        _, record = load_trained(draft.weights, KIND)
         return {**entry, "drafter": KIND, "feature_head": {"graph": "feature_draft", "training": record}}
-    if options.draft.startswith(SELF_PREFIX):  # the graph itself came from the SkipLayers pass
-        spec = parse_self_draft(options.draft)
+    if isinstance(draft, SelfDraftSpec):  # the graph itself came from the SkipLayers pass
+        spec = draft
         num_layers = target_config.num_layers
         return {**entry, "drafter": "self", "self_draft": {
             "spec": str(spec), "kind": spec.kind, "layers": spec.kept(num_layers),
             "layers_run_share": len(spec.kept(num_layers)) / num_layers}}  # fmt: skip
-    folder = resolve_model_dir(options.draft)
-    check_same_tokenizer(target_tokenizer, Tokenizer.from_folder(folder), str(options.draft))
+    folder = resolve_model_dir(draft.source)
+    check_same_tokenizer(target_tokenizer, Tokenizer.from_folder(folder), draft.source)
     dtype = getattr(torch, options.dtype)
     model = load_model(folder, dtype)
     if model.config.max_position_embeddings < options.max_seq_len:
@@ -63,16 +60,15 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
             f"draft model context {model.config.max_position_embeddings} < max_seq_len {options.max_seq_len}",
             "lower --max-seq-len",
         )
-    log(f"         draft model {options.draft}: tracing and lowering its step graph")
+    log(f"         draft model {draft.source}: tracing and lowering its step graph")
     ir = trace_model(model, options.max_seq_len)
     if draft_vocab:  # the same tokenizer, so the target's frequent ids are the draft's
         ir = ShrinkDraftVocab(draft_vocab, "step").run(ir).ir
     path = export_onnx(ir.graphs["step"], building / "draft_step.onnx")
     quantization = None
     if options.draft_quantize:  # a draft model's graph is all draft: quantise it whole
-        spec = parse_quantize(options.draft_quantize)
-        quantization = quantize_onnx_file(path, spec, model.config.vocab_size)
+        quantization = quantize_onnx_file(path, options.draft_quantize, model.config.vocab_size)
     return {**entry, "drafter": "draft-model", "draft_model": {
-        "source": str(options.draft), "model_type": model.config.model_type,
+        "source": draft.source, "model_type": model.config.model_type,
         "config": model.config.to_json(), "file": "draft_step.onnx", "quantization": quantization,
         "signature": ir.graphs["step"].signature_json()}}  # fmt: skip

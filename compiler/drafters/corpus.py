@@ -18,7 +18,7 @@ from typing import Any
 
 from safetensors.numpy import save_file
 
-from skiptree.compiler.options import CompileOptionError
+from skiptree.compiler.specs import CompileOptionError
 from skiptree.runtime.corpus import CORPUS_FILE, MAX_CORPUS_TOKENS, CorpusIndex
 from skiptree.runtime.tokenizer import Tokenizer
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from skiptree.compiler.specs import EarlyExitSpec
 from skiptree.models.base import CausalLM
 from skiptree.models.reference import ReferenceStepper, causal_bias
-from skiptree.passes.insert_early_exit import NEVER, EarlyExitSpec, ExitStepModule, gate_confidence
+from skiptree.passes.insert_early_exit import NEVER, ExitStepModule, gate_confidence
 from skiptree.runtime.generation import generate_tokens
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from skiptree.compiler.specs import SelfDraftSpec
 from skiptree.models.base import CausalLM
 from skiptree.models.reference import ReferenceStepper, causal_bias
-from skiptree.passes.skip_layers import SelfDraftSpec
 from skiptree.runtime.generation import generate_tokens
 
 MAX_CHAIN = 8

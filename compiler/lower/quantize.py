@@ -18,8 +18,6 @@ logit error against the float model.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,57 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from skiptree.errors import SkiptreeError
-
-USAGE = "write --quantize int8 or int4, optionally int4:block=32,head=no,accuracy=0"
-
-
-class QuantizeError(SkiptreeError):
-    """A --quantize option that cannot be honoured."""
-
-
-@dataclass(frozen=True)
-class WeightQuantization:
-    """`bits` 4 or 8; `block_size` inputs per scale (a power of two >= 16); `head`: quantise the
-    output head too; `accuracy_level`: MatMulNBits' compute type (0 float32, 4 int8)."""
-
-    bits: int
-    block_size: int = 32
-    head: bool = True
-    accuracy_level: int = 4
-
-    @property
-    def label(self) -> str:
-        head = "" if self.head else ", float head"
-        return f"int{self.bits} weights (block {self.block_size}{head})"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"bits": self.bits, "block_size": self.block_size, "head": self.head,
-                "accuracy_level": self.accuracy_level}  # fmt: skip
-
-
-def parse_quantize(text: str) -> WeightQuantization:
-    """`int8`, `int4`, `int4:block=64`, `int8:head=no,accuracy=0` -> WeightQuantization."""
-    kind, _, rest = text.partition(":")
-    if kind not in ("int8", "int4"):
-        raise QuantizeError(f"--quantize {text!r}: unknown precision {kind!r}", USAGE)
-    fields: dict[str, Any] = {"bits": int(kind[3:])}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if key == "block" and re.fullmatch(r"\d+", value):
-            fields["block_size"] = int(value)
-        elif key == "head" and value in ("yes", "no"):
-            fields["head"] = value == "yes"
-        elif key == "accuracy" and value in ("0", "4"):
-            fields["accuracy_level"] = int(value)
-        else:
-            raise QuantizeError(f"--quantize {text!r}: cannot read {item!r}", USAGE)
-    spec = WeightQuantization(**fields)
-    block = spec.block_size
-    if block < 16 or block & (block - 1):
-        raise QuantizeError(f"--quantize {text!r}: block {block} is not a power of two >= 16",
-                            "use block=16, 32, 64, 128 or 256")  # fmt: skip
-    return spec
+from skiptree.compiler.specs import WeightQuantization
 
 
 def fold_transposed_weights(model: onnx.ModelProto) -> int:

@@ -218,11 +218,10 @@ def tvm_lowering(ir: ModelIR, folder: Path, options: Any, log: Callable[[str], N
     Static entries: one token (a decode step) and, with a draft, the tree's node count (a verify step).
     """
     from skiptree.compiler.lower.tvm_tune import ScheduleTuning, tune_schedules
-    from skiptree.runtime.tree import parse_tree
 
     target = host_target(options.threads or 1)
     static_tokens = options.tvm_static_tokens or (
-        (1,) if options.draft is None else (1, parse_tree(options.tree).size + 1))
+        (1,) if options.draft is None else (1, options.tree.size + 1))
     tuning = ScheduleTuning(options.tvm_trials, options.tvm_trials_per_task, options.threads or 1,
                             options.tvm_tune_only)  # fmt: skip
     tuned: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from skiptree.compiler.compile import calibration_prompts, compile_model
 from skiptree.compiler.drafters.self_draft_search import SelfDraftCosts, predict, target_continuations
 from skiptree.compiler.drafters.vocab import frequent_tokens
 from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.specs import SelfDraftSpec
 from skiptree.compiler.train.exit_adapter import (
     TrainConfig,
     stdlib_pieces,
@@ -33,7 +34,6 @@ from skiptree.compiler.tune.session import TuneSession
 from skiptree.models.base import CausalLM
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
-from skiptree.passes.skip_layers import SelfDraftSpec
 from skiptree.runtime.artifact import Runtime, is_artifact
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import chain

@@ -26,6 +26,7 @@ from skiptree.compiler.drafters.self_draft_search import (
     target_continuations,
 )
 from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.specs import SelfDraftSpec, parse_self_draft
 from skiptree.compiler.tune.measure import (
     CALIBRATION_PROMPTS,
     VERIFY_SIZES,
@@ -39,7 +40,6 @@ from skiptree.compiler.tune.measure import (
 from skiptree.compiler.tune.session import TuneSession
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
-from skiptree.passes.skip_layers import SelfDraftSpec, parse_self_draft
 from skiptree.runtime.artifact import Runtime, is_artifact
 from skiptree.runtime.self_draft import run_draft_graph
 from skiptree.runtime.tree import chain

@@ -144,3 +144,33 @@ def test_tree_command_prints_the_solution_last(tmp_path):
     record = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(record) == {"expected_tokens", "parents", "depth"} and len(record["parents"]) == 16
     assert json.loads((tmp_path / "tree.json").read_text()) == record  # usable as --tree FILE
+
+
+@pytest.mark.parametrize("option,message", [
+    (("--draft", "foo+bar"), "--draft foo+bar: '+' combines free drafters, and none is named here"),
+    (("--draft", "lookup+nope"), "--draft lookup+nope: 'nope' is not a free drafter"),
+    (("--draft", "self:exit=x"), "cannot read the self-draft 'self:exit=x'"),
+    (("--draft", "no-such-model"), "--draft 'no-such-model' is not a model folder, a .gguf file or a zoo"),
+    (("--draft", "lookup", "--tree", "chain:0"), "tree preset 'chain:0' is malformed"),
+    (("--early-exit", "min-agreement=0.9,gate=xy"), "cannot read --early-exit 'min-agreement=0.9,gate=xy'"),
+    (("--quantize", "int3"), "--quantize 'int3': unknown precision 'int3'"),
+])  # fmt: skip
+def test_compile_refuses_malformed_options_before_any_work(tmp_path, option, message, capsys):
+    # The model does not even exist: an option error must come first, before the model is resolved.
+    assert main(["compile", "/no/such/model", "-o", str(tmp_path / "a"), *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err.splitlines()[-1]] and "Traceback" not in err
+    assert err.startswith(f"skiptree: error: {message}")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("option,message", [
+    (("--temperature", "nan"), "--temperature nan is not a number >= 0"),
+    (("--temperature", "-1"), "--temperature -1.0 is not a number >= 0"),
+    (("--top-p", "0"), "--top-p 0.0 is outside (0, 1]"),
+    (("--max-new-tokens", "0"), "--max-new-tokens 0 is below 1"),
+])  # fmt: skip
+def test_generate_refuses_meaningless_sampling_values(tiny_artifact, option, message, capsys):
+    assert main(["generate", str(tiny_artifact[1]), "--prompt", "t3", *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"skiptree: error: {message}; " + err.split("; ", 1)[1]]

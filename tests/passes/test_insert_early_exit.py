@@ -8,14 +8,24 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
+from conftest import (
+    TINY_LLAMA,
+    count_calls,
+    ops_by_block,
+    ops_by_layer,
+    run_pass,
+    write_tiny_model,
+    write_word_tokenizer,
+)
 
 import skiptree
 from skiptree.compiler.drafters.vocab import frequent_tokens
+from skiptree.compiler.ir.trace import trace_model
 from skiptree.compiler.options import CompileOptionError
+from skiptree.compiler.specs import EarlyExitError, parse_early_exit
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
-from skiptree.passes.insert_early_exit import EarlyExitError, parse_early_exit
+from skiptree.passes.insert_early_exit import InsertEarlyExit
 from skiptree.runtime.early_exit import NEVER
 from skiptree.runtime.generation import generate_tokens
 
@@ -123,3 +133,27 @@ def test_shrunk_exit_heads_emit_only_kept_tokens(tmp_path):
     tokens = runtime.generate(prompt, 12, eos_token_id=[]).token_ids[1:]
     kept, _ = frequent_tokens(model, word_prompts(np.random.default_rng(3), 6), 10)  # as compile counts them
     assert set(tokens) <= set(kept)
+
+
+def test_structure_adds_one_exit_step_graph_with_a_cond_per_exit(tmp_path):
+    """InsertEarlyExit adds "exit_step": the step inputs plus `threshold`, one `torch.cond` per exit
+    (the later exits nested in the go-on branches), the layers before the first exit at top level,
+    every layer's K/V written in place after the branches; "step" is untouched."""
+    write_tiny_model(tmp_path, transformers.LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 4}))
+    ir = trace_model(load_model(tmp_path), max_seq_len=16)
+    step_ops, step_layers = ops_by_block(ir, "step"), ops_by_layer(ir, "step")
+
+    result = run_pass(InsertEarlyExit(parse_early_exit("min-agreement=0.9,exits=2+3")), ir)
+
+    assert result.modified and set(result.ir.graphs) == {"step", "exit_step"}
+    assert ops_by_block(result.ir, "step") == step_ops
+    graph = result.ir.graphs["exit_step"]
+    caches = [f"k{i}" for i in range(4)] + [f"v{i}" for i in range(4)]
+    step_inputs = ["input_ids", "positions", "attn_bias", "write_slots"]
+    assert [s.name for s in graph.inputs] == [*step_inputs, "threshold", *caches]
+    assert [s.name for s in graph.outputs] == ["logits", "next_ids", "layers_run", *[f"{c}_out" for c in caches]]
+    modules = [m for _, m in graph.program.graph_module.named_modules() if hasattr(m, "graph")]
+    conds = [sum(n.target is torch.ops.higher_order.cond for n in m.graph.nodes) for m in modules]
+    assert conds[0] == 1 and sum(conds) == 2  # exits 2 and 3
+    assert ops_by_layer(result.ir, "exit_step") == {0: step_layers[0], 1: step_layers[1]}
+    assert count_calls(result.ir, "exit_step", torch.ops.aten.index_put_.default) == 8

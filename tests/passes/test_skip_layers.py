@@ -7,15 +7,25 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
+from conftest import (
+    TINY_LLAMA,
+    count_calls,
+    ops_by_block,
+    ops_by_layer,
+    run_pass,
+    write_tiny_model,
+    write_word_tokenizer,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import skiptree
+from skiptree.compiler.ir.trace import trace_model
 from skiptree.compiler.options import CompileOptionError
+from skiptree.compiler.specs import SelfDraftError, format_layers, parse_self_draft
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
-from skiptree.passes.skip_layers import SelfDraftError, format_layers, parse_self_draft
+from skiptree.passes.skip_layers import SkipLayers
 from skiptree.runtime.generation import generate_tokens
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.self_draft import SelfDrafter, SplitStepModel
@@ -116,3 +126,24 @@ def test_self_draft_needs_a_chain(tiny_llama, tmp_path):
         skiptree.compile(folder, tmp_path / "art", draft="self:exit=1", tree="k-ary:2x2")
     with pytest.raises(CompileOptionError, match="self:auto is a search.*skiptree tune"):
         skiptree.compile(folder, tmp_path / "art", draft="self:auto")
+
+
+@pytest.mark.parametrize(("draft", "kept"), [("self:skip=1-2", [0, 3]), ("self:exit=3", [0, 1, 2])])
+def test_structure_self_draft_runs_exactly_the_kept_layers(tmp_path, draft, kept):
+    """SkipLayers adds "self_draft": each kept layer has the step graph's ops, skipped ones none;
+    7 linears per kept layer + the head; the caches and cache writes of the kept layers only."""
+    write_tiny_model(tmp_path, transformers.LlamaConfig(**FOUR_LAYERS))
+    ir = trace_model(load_model(tmp_path), max_seq_len=16)
+    step_ops, step_layers = ops_by_block(ir, "step"), ops_by_layer(ir, "step")
+
+    result = run_pass(SkipLayers(parse_self_draft(draft)), ir)
+
+    assert result.modified and set(result.ir.graphs) == {"step", "self_draft"}
+    assert ops_by_block(result.ir, "step") == step_ops  # the target's step is untouched
+    assert ops_by_layer(result.ir, "self_draft") == {layer: step_layers[layer] for layer in kept}
+    assert count_calls(result.ir, "self_draft", torch.ops.aten.linear.default) == 7 * len(kept) + 1
+    assert count_calls(result.ir, "self_draft", torch.ops.aten.index_put_.default) == 2 * len(kept)
+    graph = result.ir.graphs["self_draft"]
+    caches = [f"k{i}" for i in kept] + [f"v{i}" for i in kept]
+    assert [s.name for s in graph.inputs] == ["input_ids", "positions", "attn_bias", "write_slots", *caches]
+    assert [s.name for s in graph.outputs] == ["logits", "next_ids", "hidden"] + [f"{c}_out" for c in caches]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from skiptree.compiler.options import CompileOptionError, table_sources
+from skiptree.compiler.specs import CompileOptionError, DraftModel, FreeDraft, parse_draft
 from skiptree.runtime.corpus import CorpusDrafter, CorpusIndex
 from skiptree.runtime.drafters import Draft, PromptLookupDrafter
 from skiptree.runtime.merged_draft import MergedDrafter
@@ -81,12 +83,19 @@ def test_a_source_with_nothing_leaves_the_tree_to_the_others():
 
 
 def test_draft_values_name_their_sources():
-    assert table_sources("lookup+recycle") == ["prompt-lookup", "recycle"]
-    assert table_sources("corpus:docs/+lookup") == ["corpus:docs/", "prompt-lookup"]
-    assert table_sources("recycle") == ["recycle"] and table_sources("self:exit=4") is None
-    assert table_sources("models/draft-0.5b") is None and table_sources(None) is None
+    assert parse_draft("lookup+recycle") == FreeDraft(("prompt-lookup", "recycle"))
+    corpus = parse_draft("corpus:docs/+lookup")
+    assert corpus == FreeDraft(("corpus", "prompt-lookup"), Path("docs/"))
+    assert str(corpus) == "corpus:docs+prompt-lookup"
+    assert parse_draft("recycle") == FreeDraft(("recycle",))
+    assert not isinstance(parse_draft("self:exit=4"), FreeDraft)
+    assert parse_draft("models/draft-0.5b") == DraftModel("models/draft-0.5b")
     with pytest.raises(CompileOptionError, match="'self:exit=4' is not a free drafter"):
-        table_sources("lookup+self:exit=4")
+        parse_draft("lookup+self:exit=4")
+    with pytest.raises(CompileOptionError, match="names a source twice"):
+        parse_draft("lookup+prompt-lookup")
+    with pytest.raises(CompileOptionError, match="--draft foo\\+bar: '\\+' combines free drafters"):
+        parse_draft("foo+bar")
 
 
 def test_lookups_report_how_long_their_match_is():

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import skiptree
 from skiptree.compiler.compile import compile_model
-from skiptree.compiler.lower.quantize import QuantizeError, WeightQuantization, parse_quantize
 from skiptree.compiler.options import CompileOptionError, CompileOptions
+from skiptree.compiler.specs import QuantizeError, WeightQuantization, parse_quantize
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
 from skiptree.runtime.onnx_step import first_rows, pad_to_even_rows

@@ -80,7 +80,7 @@ def test_tune_train_draft_end_to_end(tiny, tmp_path):
     stored = json.loads((tmp_path / "session" / "choice.json").read_text())
     options = tuned_options(tmp_path / "session", CompileOptions())
     if stored["mode"] == "speculative":
-        assert options.draft == "self:exit=2" and options.draft_vocab == 50
+        assert str(options.draft) == "self:exit=2" and options.draft_vocab == 50
         assert options.draft_adapter == tmp_path / "session" / "exit_adapter.safetensors"
     else:
         assert options.draft is None

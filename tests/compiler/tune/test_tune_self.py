@@ -10,8 +10,8 @@ import transformers
 from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
 
 from skiptree.compiler.drafters.self_draft_search import SelfDraftCosts, predict, skip_candidates
+from skiptree.compiler.specs import SelfDraftSpec
 from skiptree.compiler.tune.driver import tune
-from skiptree.passes.skip_layers import SelfDraftSpec
 
 
 def test_cost_model_and_prediction():
