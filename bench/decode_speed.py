@@ -30,6 +30,7 @@ import skiptree
 from skiptree.models.reference import ReferenceModel
 from skiptree.models.zoo import fetch
 from skiptree.runtime.device import cpu_model
+from skiptree.runtime.manifest import GraphName
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
@@ -184,7 +185,7 @@ def main() -> None:
         engines = [SkiptreeEngine(REFERENCE, reference), SkiptreeEngine("skiptree onnxruntime", runtime),
                    peers.transformers_engine(folder, args.threads),
                    *peers.genai_engines(folder, args.threads)]  # fmt: skip
-        step_file = artifact / runtime.manifest["graphs"]["step"]["file"]
+        step_file = artifact / runtime.manifest.graphs[GraphName.STEP].file
         graphs = {"skiptree onnxruntime": peers.op_counts(step_file)}
         graphs |= {e.name: peers.op_counts(e.model_dir / "model.onnx")
                    for e in engines if isinstance(e, peers.GenaiEngine)}  # fmt: skip

@@ -69,11 +69,11 @@ def main() -> None:
             options = f"min-agreement=0.9,vocab={args.exit_vocab}"
             skiptree.compile(folder, artifact, max_seq_len=512, early_exit=options)
         runtime = skiptree.load(artifact, threads=1)
-        early = runtime.manifest["early_exit"]
-        kept = early.get("exit_head_tokens", 0)
-        kept = kept if kept < runtime.manifest["model"]["config"]["vocab_size"] else 0
-        exits = "+".join(map(str, early["exits"]))
-        spec = parse_early_exit(f"min-agreement=0.9,exits={exits},vocab={kept}").resolved(early["num_layers"])
+        early = runtime.manifest.early_exit
+        kept = early.exit_head_tokens
+        kept = kept if kept < runtime.manifest.model.config["vocab_size"] else 0
+        exits = "+".join(map(str, early.exits))
+        spec = parse_early_exit(f"min-agreement=0.9,exits={exits},vocab={kept}").resolved(early.num_layers)
         model = load_model(folder, torch.float32)
         calibration = [runtime.encode_prompt(p, chat=True) for p in bench.PROMPT_SETS["code"][1][3:]]
         data = target_continuations(model, calibration, 48)
@@ -89,7 +89,7 @@ def main() -> None:
             )
         )
         thresholds = {
-            t: choose_threshold(obs, EarlyExitSpec(t, spec.exits, spec.gate), early["num_layers"])
+            t: choose_threshold(obs, EarlyExitSpec(t, spec.exits, spec.gate), early.num_layers)
             for t in TARGETS
         }
         prompts = [
@@ -127,9 +127,9 @@ def main() -> None:
         "# Early exit (lossy) on SmolLM2-135M, fp32, 1 thread, one run"
         + (f", exit heads of {spec.vocab} tokens" if spec.vocab else ""),
         "",
-        f"Exits after layers {spec.exits} of {early['num_layers']}, gate {spec.gate}; "
+        f"Exits after layers {spec.exits} of {early.num_layers}, gate {spec.gate}; "
         f"top-1 agreement of each exit head"
-        f" with the full model on calibration: {early['top1_agreement_by_exit']}.",
+        f" with the full model on calibration: {list(early.top1_agreement_by_exit)}.",
         f"Our AR (same artifact, full step graph): {base_tps:.1f} tok/s. {len(prompts)} chat/code prompts x "
         f"{args.max_new_tokens} tokens.",
         "",
@@ -142,7 +142,8 @@ def main() -> None:
             f"{r['measured_agreement']:.3f} | {r['mean_layers']:.1f} | {r['tokens_per_second']:.1f} | "
             f"{r['speedup_vs_ar']:.2f}x |"
         )
-    record = {"ar_tokens_per_second": base_tps, "exits": list(spec.exits), "rows": rows, "manifest": early}
+    record = {"ar_tokens_per_second": base_tps, "exits": list(spec.exits), "rows": rows,
+              "manifest": early.to_json()}  # fmt: skip
     stem = f"early_exit_vocab{spec.vocab}" if spec.vocab else "early_exit"
     peers.save_results(stem, record, "\n".join(lines) + "\n")
     plot(rows, base_tps, Path(__file__).parent / "results" / f"{stem}.png")

@@ -180,7 +180,7 @@ def engines_for(runtime, trees: dict[str, str], keys: list[str]) -> list:
     chosen engine keys (`prompt-lookup-1`: prompt lookup down to one-token matches; it takes the
     tree of the same key with `prompt-lookup`)."""
     sources = runtime.speculative.drafter.by_name
-    vocab = runtime.manifest["model"]["config"]["vocab_size"]
+    vocab = runtime.manifest.model.config["vocab_size"]
 
     def fresh(name: str):
         if name.startswith("prompt-lookup"):
@@ -356,7 +356,7 @@ def main() -> None:
               "cpu": cpu_model(),
               "machine": platform.machine(), "versions": versions(), "trees": trees,
               "compile_seconds": round(compile_seconds, 1), "sets": sets,
-              "corpus": runtime.manifest["speculative"]["corpus"], "corpus_kind": corpus_kind,
+              "corpus": runtime.manifest.speculative.corpus.to_json(), "corpus_kind": corpus_kind,
               "prompts": {s: PROMPT_SETS[s][1][: args.prompts_per_set] for s in prompt_ids}}
     subset = "" if set(set_names) == set(PROMPT_SETS) else "_" + "-".join(set_names)  # keep the full run's
     name = f"free_drafters_{args.model}{tag}{subset}{args.suffix}"

@@ -87,7 +87,7 @@ def main() -> None:
     base = rows["skiptree AR artifact"]
     record = {"target": "qwen2.5-coder-1.5b", "draft": "qwen2.5-coder-0.5b", "cpu": cpu_model(),
               "machine": platform.machine(), "threads": 1, "max_new_tokens": args.max_new_tokens,
-              "tree": runtime.manifest["speculative"]["tree"]["spec"],
+              "tree": runtime.manifest.speculative.tree.spec,
               "mean_accepted": rows.pop("mean_accepted"), "engines": {}}  # fmt: skip
     lines = [f"# Qwen2.5-Coder-1.5B + 0.5B draft ({record['tree']}), 1 thread, "
              f"{args.max_new_tokens} tokens",

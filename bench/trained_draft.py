@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 import skiptree
-from skiptree.compiler.tune.measure import measure_decode_ms
-from skiptree.compiler.tune.self_draft import measure_probe_ms
+from skiptree.compiler.tune.measure import measure_decode_ms, measure_probe_ms
 from skiptree.models.zoo import fetch
 from skiptree.runtime.tree import chain
 

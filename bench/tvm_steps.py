@@ -73,7 +73,7 @@ def main() -> None:
               + "; ".join(f"{s}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in by.items())
                           for s, by in samples.items()), flush=True)  # fmt: skip
     medians = {step: {name: statistics.median(v) for name, v in by.items()} for step, by in samples.items()}
-    tuning = runtimes["tvm tuned"].manifest["backend"]["tuning"]
+    tuning = runtimes["tvm tuned"].manifest.backend.tuning
     report = {"model": "smollm2-135m", "threads": 1, "prefix": PREFIX, "rounds": args.rounds,
               "machine": platform.processor() or platform.machine(), "median_ms": medians,
               "ratio_to_onnxruntime": {s: {n: v / by["onnxruntime"] for n, v in by.items()}

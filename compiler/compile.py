@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,24 @@ from skiptree.models.source import resolve_model_dir
 from skiptree.runtime.artifact import open_backend, step_model_of
 from skiptree.runtime.device import device_description, device_fingerprint
 from skiptree.runtime.generator import read_eos_token_ids
-from skiptree.runtime.manifest import MANIFEST, file_sha256, write_manifest
+from skiptree.runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    BackendEntry,
+    CheckEntry,
+    DecodeMode,
+    DeviceEntry,
+    DraftVocabEntry,
+    EarlyExitEntry,
+    GraphEntry,
+    GraphName,
+    Manifest,
+    ModelEntry,
+    PassEntry,
+    TokenizerEntry,
+    file_sha256,
+    write_manifest,
+)
 from skiptree.runtime.onnx_step import SessionConfig
 from skiptree.runtime.tokenizer import Tokenizer
 
@@ -60,10 +78,10 @@ def weights_sha256(folder: Path) -> str:
 
 
 def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[[str], None]
-          ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+          ) -> tuple[dict[GraphName, GraphEntry], BackendEntry]:  # fmt: skip
     """Lower the IR's graphs for the chosen backend; returns the manifest's graphs and backend entries."""
     if options.backend == "tvm":
-        from skiptree.compiler.lower.to_tvm import tvm_lowering
+        from skiptree.compiler.lower.to_tvm import tvm_lowering  # imports tvm: only for TVM artifacts
 
         phase("lowering to TVM (torch.export -> Relax -> tvm.compile; about a minute for a 135M model)")
         files, backend = tvm_lowering(ir, building, options, phase)
@@ -72,17 +90,21 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
         files = lower_to_onnx(ir, building)
         backend = {"name": "onnxruntime", "version": onnxruntime.__version__,
                    "optimization_level": options.optimization_level, "threads": options.threads}  # fmt: skip
-    graphs = {name: {**entry, "signature": ir.graphs[name].signature_json()} for name, entry in files.items()}
-    return graphs, backend
+    max_tree = min(options.max_tree, options.max_seq_len)  # verify's prefill chunk, also without a drafter
+    graphs = {GraphName(name): GraphEntry.from_json({
+        **entry, "signature": ir.graphs[name].signature_json(),
+        "max_tree": max_tree if name == GraphName.VERIFY else None}, f"graphs.{name}")
+        for name, entry in files.items()}  # fmt: skip
+    return graphs, BackendEntry.from_json(backend, "backend")
 
 
-def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[str, Any], backend: dict[str, Any],
-                        max_tree: int) -> dict[str, Any]:  # fmt: skip
-    """Prefill + decode a few tokens on both the lowered graph and eager torch; compare."""
+def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[GraphName, GraphEntry], backend: BackendEntry,
+                        mode: DecodeMode) -> CheckEntry:  # fmt: skip
+    """Prefill + decode a few tokens on both the lowered graphs (as decode mode `mode` runs them;
+    early exit never exiting) and eager torch; compare."""
     stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
-    manifest = {"graphs": graphs, "speculative": {"max_tree": max_tree}, "backend": backend,
-                "model": {"config": ir.config.to_json()}}  # fmt: skip
-    lowered = step_model_of(open_backend(folder, manifest, SessionConfig(threads=0)), manifest)
+    opened = open_backend(folder, backend, graphs, SessionConfig(threads=0))
+    lowered = step_model_of(opened, graphs, mode, ir.config.num_layers)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
     steps = min(CHECK_TOKENS, ir.max_seq_len - CHECK_TOKENS)
     expected = [stepper.prefill(prompt)]
@@ -92,11 +114,11 @@ def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[str, Any], backe
         expected.append(stepper.decode(token))
         got.append(lowered.decode(token))
     expected_arr, got_arr = np.stack(expected), np.stack(got)
-    return {
-        "steps": len(expected),
-        "max_abs_logit_error": float(np.abs(expected_arr - got_arr).max()),
-        "argmax_agreement": float((expected_arr.argmax(-1) == got_arr.argmax(-1)).mean()),
-    }
+    return CheckEntry(
+        steps=len(expected),
+        max_abs_logit_error=float(np.abs(expected_arr - got_arr).max()),
+        argmax_agreement=float((expected_arr.argmax(-1) == got_arr.argmax(-1)).mean()),
+    )
 
 
 def calibration_prompts(options: CompileOptions, tokenizer: Tokenizer) -> list[list[int]]:
@@ -115,7 +137,8 @@ def _prepare_output(out_dir: Path) -> None:
 
 def free_drafter_state(options: CompileOptions, model, tokenizer, building: Path, phase, log
                        ) -> dict[str, Any]:  # fmt: skip
-    """What free drafters carry in the artifact: a warm recycling table, a corpus datastore."""
+    """What free drafters carry in the artifact (DrafterEntry fields): a warm recycling table, a
+    corpus datastore."""
     state: dict[str, Any] = {}
     draft = options.free_draft
     for source in draft.sources if draft else ():
@@ -123,7 +146,7 @@ def free_drafter_state(options: CompileOptions, model, tokenizer, building: Path
             phase("warming the Token Recycling table on the calibration prompts (eager torch)")
             prompts = calibration_prompts(options, tokenizer)
             state["recycle"] = write_warm_table(model, prompts, building, options.max_seq_len)
-            log(f"         {state['recycle']['rows_filled']} token rows filled")
+            log(f"         {state['recycle'].rows_filled} token rows filled")
         if source == "corpus":
             phase(f"building the corpus lookup datastore from {draft.corpus}")
             state["corpus"] = write_corpus(draft.corpus, tokenizer, building, log)
@@ -166,64 +189,69 @@ def compile_model(
     phase(f"running {len(pipeline)} passes{' with the verifier' if options.verify else ''}")
     ir = PassManager(pipeline, verify=options.verify, dump_dir=options.dump_ir, log=log).run(ir)
 
+    mode = (DecodeMode.EARLY_EXIT if options.early_exit
+            else DecodeMode.SPECULATIVE if options.draft else DecodeMode.PLAIN)  # fmt: skip
     with atomic_folder(out_dir, replace=True) as building:  # an older artifact is replaced
         graphs, backend = lower(ir, building, options, phase)
-        if "verify" in graphs:  # its prefill chunk (the largest tree), also without a drafter
-            graphs["verify"]["max_tree"] = min(options.max_tree, options.max_seq_len)
         check = None
         if options.check:
             phase("checking the lowered graph against eager torch")
-            check = check_against_eager(ir, building, graphs, backend, options.max_tree)
-            log(f"         max |logit error| {check['max_abs_logit_error']:.2e}, "
-                f"argmax agreement {check['argmax_agreement']:.2f} over {check['steps']} steps")
+            check = check_against_eager(ir, building, graphs, backend, mode)
+            log(f"         max |logit error| {check.max_abs_logit_error:.2e}, "
+                f"argmax agreement {check.argmax_agreement:.2f} over {check.steps} steps")
         speculative = None
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree.spec})")
             speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
-            speculative.update(free_drafter_state(options, ir.model, tokenizer, building, phase, log))
-            if isinstance(options.draft, FreeDraft) and backend["name"] == "onnxruntime":
+            speculative = replace(speculative, **free_drafter_state(options, ir.model, tokenizer, building,
+                                                                    phase, log))  # fmt: skip
+            if isinstance(options.draft, FreeDraft) and backend.name == "onnxruntime":
                 phase("measuring the verify cost T(n) on this machine (the free drafters' per-step gate)")
-                speculative["verify_cost"] = cost = measure_verify_cost(
-                    building, {"graphs": graphs, "speculative": speculative, "backend": backend,
-                               "model": {"config": ir.config.to_json()}}, options.threads)  # fmt: skip
-                ratios = zip(cost["nodes"], cost["ratio"], strict=True)
-                log(f"         plain step {cost['plain_ms']:.1f} ms; T(n)/T(0) "
+                cost = measure_verify_cost(building, graphs, backend, speculative.max_tree, ir.config,
+                                           options.threads)  # fmt: skip
+                speculative = replace(speculative, verify_cost=cost)
+                ratios = zip(cost.nodes, cost.ratio, strict=True)
+                log(f"         plain step {cost.plain_ms:.1f} ms; T(n)/T(0) "
                     + ", ".join(f"{n}: {r:.2f}" for n, r in ratios))
             if draft_vocab:
-                speculative["draft_vocab"] = {"size": len(draft_vocab), "calibration_coverage": coverage}
+                vocab = DraftVocabEntry(size=len(draft_vocab), calibration_coverage=float(coverage or 0.0))
+                speculative = replace(speculative, draft_vocab=vocab)
         early_exit = None
         if options.early_exit:
             phase(f"calibrating early exit ({options.early_exit}) on the full model's own continuations")
             spec = options.early_exit.resolved(ir.config.num_layers)
             prompts = calibration_prompts(options, tokenizer)
-            early_exit = calibrate_early_exit(model, prompts, spec, draft_vocab, log)
-            early_exit["exit_head_tokens"] = len(draft_vocab) or ir.config.vocab_size
-            log(f"         threshold {early_exit['threshold']:.4f}: agreement {early_exit['agreement']:.3f}, "
-                f"mean layers {early_exit['mean_layers']:.1f} of {ir.config.num_layers} "
-                f"on {early_exit['calibration_positions']} positions")
+            calibrated = calibrate_early_exit(model, prompts, spec, draft_vocab, log)
+            early_exit = EarlyExitEntry.from_json(
+                {**calibrated, "exit_head_tokens": len(draft_vocab) or ir.config.vocab_size}, "early_exit")
+            log(f"         threshold {early_exit.threshold:.4f}: agreement {early_exit.agreement:.3f}, "
+                f"mean layers {early_exit.mean_layers:.1f} of {ir.config.num_layers} "
+                f"on {early_exit.calibration_positions} positions")
         phase("writing tokenizer and manifest")
         (building / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, building / "tokenizer" / name)
-        device = device_description(backend["name"], backend["version"])
-        write_manifest(building, {
-            "skiptree_version": skiptree.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"source": str(source), "model_type": ir.config.model_type,
-                      "weights_sha256": weights_sha256(folder), "config": ir.config.to_json()},
-            "backend": backend,
-            "device": {**device, "fingerprint": device_fingerprint(device)},
-            "max_seq_len": options.max_seq_len,
-            "graphs": graphs,
-            "tokenizer": {"folder": "tokenizer", "eos_token_ids": read_eos_token_ids(folder, tokenizer)},
-            "pipeline": [{"name": r.name, "options": r.options, "modified": r.modified}
-                         for r in ir.passes_run],
-            "check": check,
-            "speculative": speculative,
-            "early_exit": early_exit,
-            "dtype": options.dtype,
-            "torch_version": torch.__version__,
-        })  # fmt: skip
+        device = device_description(backend.name, backend.version)
+        write_manifest(building, Manifest(
+            format_version=FORMAT_VERSION,
+            skiptree_version=skiptree.__version__,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            decode_mode=mode,
+            model=ModelEntry(source=str(source), model_type=ir.config.model_type,
+                             weights_sha256=weights_sha256(folder), config=ir.config.to_json()),
+            backend=backend,
+            device=DeviceEntry.from_json({**device, "fingerprint": device_fingerprint(device)}, "device"),
+            max_seq_len=options.max_seq_len,
+            graphs=graphs,
+            tokenizer=TokenizerEntry(folder="tokenizer",
+                                     eos_token_ids=tuple(read_eos_token_ids(folder, tokenizer))),
+            pipeline=tuple(PassEntry(r.name, r.options, r.modified) for r in ir.passes_run),
+            check=check,
+            speculative=speculative,
+            early_exit=early_exit,
+            dtype=options.dtype,
+            torch_version=torch.__version__,
+        ))  # fmt: skip
     phase(f"artifact written to {out_dir}")
     return out_dir

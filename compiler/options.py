@@ -27,6 +27,7 @@ from skiptree.compiler.specs import (
     parse_quantize,
 )
 from skiptree.models.source import check_model_source
+from skiptree.runtime.manifest import TreeProvenance
 from skiptree.runtime.tree import TreeShape, parse_tree
 
 BACKENDS = ("onnxruntime", "tvm")
@@ -59,6 +60,7 @@ class CompileOptions:
     tvm_static_tokens: tuple[int, ...] = ()  # token counts with a static (tunable) entry; () = 1 and the tree
     quantize: WeightQuantization | None = None  # int8 | int4[:block=32][,head=no][,accuracy=0] (MatMulNBits)
     draft_quantize: WeightQuantization | None = None  # the same for the draft's own graphs (int4 draft, ...)
+    tree_provenance: TreeProvenance | None = None  # the tuning session that chose `tree` (compile --tuned)
 
     def __post_init__(self) -> None:
         parse = (("draft", parse_draft), ("tree", parse_tree), ("early_exit", parse_early_exit),

@@ -20,6 +20,7 @@ from skiptree.passes.insert_tree_verify import InsertTreeVerify
 from skiptree.passes.quantize_weights import QuantizeWeights
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.passes.skip_layers import SkipLayers
+from skiptree.runtime.manifest import GraphName
 
 
 def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -> list[Pass]:
@@ -29,7 +30,7 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     adapter = str(options.draft_adapter) if options.draft_adapter else None
     structure: list[Pass] = [SkipLayers(self_draft, adapter)] if self_draft else []
     if self_draft and draft_vocab:
-        structure.append(ShrinkDraftVocab(draft_vocab, "self_draft"))
+        structure.append(ShrinkDraftVocab(draft_vocab, GraphName.SELF_DRAFT))
     if isinstance(options.draft, FeatureHeadDraft):
         structure.append(InsertFeatureHead(str(options.draft.weights), draft_vocab))
     if options.early_exit:

@@ -272,8 +272,13 @@ class WeightQuantization:
                 "accuracy_level": self.accuracy_level}  # fmt: skip
 
     def __str__(self) -> str:
-        head = "" if self.head else ",head=no"
-        return f"int{self.bits}:block={self.block_size}{head},accuracy={self.accuracy_level}"
+        """The shortest text that parses back to this spec (defaults left out)."""
+        default = WeightQuantization(self.bits)
+        parts = [f"{key}={value}" for key, value, differs in (
+            ("block", self.block_size, self.block_size != default.block_size),
+            ("head", "no", not self.head),
+            ("accuracy", self.accuracy_level, self.accuracy_level != default.accuracy_level)) if differs]
+        return f"int{self.bits}" + (":" + ",".join(parts) if parts else "")
 
 
 def parse_quantize(text: str) -> WeightQuantization:

@@ -287,7 +287,7 @@ def _write_safetensors(
 
 def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     """tokenizer.json + tokenizer_config.json exactly as transformers builds them from the GGUF."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only a GGUF conversion needs it
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(str(out_dir))

@@ -29,6 +29,7 @@ from skiptree.compiler.ir.trace import STEP_INPUTS, example_caches, export_with_
 from skiptree.compiler.specs import EarlyExitSpec
 from skiptree.models.base import CausalLM
 from skiptree.models.shrunk_head import ShrunkHead
+from skiptree.runtime.manifest import GraphName
 
 NEVER = 2.0  # a threshold no gate reaches: the full model
 
@@ -152,6 +153,7 @@ class InsertEarlyExit(Pass):
                    TensorSpec("layers_run", "int64", (1,))]  # fmt: skip
         vocab = torch.tensor(self.vocab, dtype=torch.int64) if self.vocab else None
         module = ExitStepModule(model, spec.exits, spec.gate, vocab)
-        ir.graphs["exit_step"] = export_with_caches("exit_step", module, inputs, caches, outputs, 1)
+        name = GraphName.EXIT_STEP
+        ir.graphs[name] = export_with_caches(name, module, inputs, caches, outputs, 1)
         ir.blocks = build_block_view(ir.config, ir.graphs)
         return PassResult(ir, True)

@@ -24,6 +24,7 @@ from skiptree.compiler.ir.trace import STEP_INPUTS, example_caches, example_step
 from skiptree.models.base import CausalLM
 from skiptree.models.feature_head import FeatureHead, load_feature_head
 from skiptree.models.shrunk_head import ShrunkHead
+from skiptree.runtime.manifest import GraphName
 
 
 class FeatureDraftModule(nn.Module):
@@ -71,7 +72,7 @@ class InsertFeatureHead(Pass):
                    TensorSpec("next_ids", "int64", (1, "T")),
                    TensorSpec("next_features", type_name, (1, "T", ir.config.hidden_size))]  # fmt: skip
         caches = example_caches(ir.model, ir.max_seq_len, [0])
-        ir.graphs["feature_draft"] = export_with_caches("feature_draft", module, inputs, caches, outputs,
-                                                        ir.max_seq_len, [0])  # fmt: skip
+        name = GraphName.FEATURE_DRAFT
+        ir.graphs[name] = export_with_caches(name, module, inputs, caches, outputs, ir.max_seq_len, [0])
         ir.blocks = build_block_view(ir.config, ir.graphs)
         return PassResult(ir, True)

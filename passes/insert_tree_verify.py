@@ -32,6 +32,7 @@ from skiptree.compiler.ir.pass_manager import Pass, PassResult
 from skiptree.compiler.ir.trace import example_caches, export_with_caches
 from skiptree.models.base import CausalLM, mask_value
 from skiptree.models.fused_ops import rotary_tables
+from skiptree.runtime.manifest import GraphName
 
 
 def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
@@ -160,11 +161,13 @@ class InsertTreeVerify(Pass):
         if self.plain_decoding and not fused:
             return PassResult(ir, False)  # unfused, the verify graph is no faster than "step"
         verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused)
-        ir.graphs["verify"] = export_with_caches("verify", verify, example, caches, outputs, max_tree, layers)
+        name = GraphName.VERIFY
+        ir.graphs[name] = export_with_caches(name, verify, example, caches, outputs, max_tree, layers)
         if not self.plain_decoding:  # compaction moves every layer's K/V after a tree
             caches = example_caches(model, max_len)
             moves = [("from_slots", torch.tensor([3, 4, 5]), {0: "T"}),
                      ("to_slots", torch.tensor([1, 2, 3]), {0: "T"})]
-            ir.graphs["compact"] = export_with_caches("compact", CompactModule(), moves, caches, [], max_tree)
+            name = GraphName.COMPACT
+            ir.graphs[name] = export_with_caches(name, CompactModule(), moves, caches, [], max_tree)
         ir.blocks = build_block_view(ir.config, ir.graphs)
         return PassResult(ir, True)

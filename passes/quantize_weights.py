@@ -19,8 +19,9 @@ import torch
 from skiptree.compiler.ir.graph import ModelIR
 from skiptree.compiler.ir.pass_manager import Pass, PassResult
 from skiptree.compiler.specs import WeightQuantization
+from skiptree.runtime.manifest import GraphName
 
-DRAFT_GRAPHS = ("self_draft", "feature_draft")
+DRAFT_GRAPHS = (GraphName.SELF_DRAFT, GraphName.FEATURE_DRAFT)
 ROLES = ("target", "draft")
 
 

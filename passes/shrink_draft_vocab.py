@@ -17,6 +17,7 @@ import torch
 from skiptree.compiler.ir.graph import ModelIR
 from skiptree.compiler.ir.pass_manager import Pass, PassResult
 from skiptree.passes.skip_layers import export_layer_subset
+from skiptree.runtime.manifest import GraphName
 
 
 def graph_layers(ir: ModelIR, name: str) -> list[int]:
@@ -35,7 +36,7 @@ class ShrinkDraftVocab(Pass):
     """
 
     vocab: tuple[int, ...]
-    graph: str = "self_draft"
+    graph: str = GraphName.SELF_DRAFT
     name = "ShrinkDraftVocab"
 
     def options(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from skiptree.compiler.specs import SelfDraftSpec
 from skiptree.models.base import CausalLM
 from skiptree.models.exit_adapter import load_adapter
 from skiptree.models.shrunk_head import ShrunkHead
+from skiptree.runtime.manifest import GraphName
 
 
 class LayerSubsetModule(nn.Module):
@@ -73,7 +74,7 @@ class SkipLayers(Pass):
         adapter = None
         if self.adapter:
             adapter = load_adapter(Path(self.adapter))[0].to(next(ir.model.parameters()).dtype)
-        export_layer_subset(ir, "self_draft", self.spec.kept(ir.config.num_layers), adapter=adapter)
+        export_layer_subset(ir, GraphName.SELF_DRAFT, self.spec.kept(ir.config.num_layers), adapter=adapter)
         return PassResult(ir, True)
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from safetensors.numpy import load_file
 
@@ -16,7 +15,15 @@ from skiptree.runtime.early_exit import NEVER, EarlyExitStepModel
 from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
-from skiptree.runtime.manifest import read_manifest
+from skiptree.runtime.manifest import (
+    BackendEntry,
+    DecodeMode,
+    DrafterEntry,
+    GraphEntry,
+    GraphName,
+    Manifest,
+    read_manifest,
+)
 from skiptree.runtime.merged_draft import TABLE_SOURCES, MergedDrafter
 from skiptree.runtime.onnx_step import (
     GraphStepModel,
@@ -43,59 +50,64 @@ class Runtime(TextGenerator):
     def __init__(self, folder: Path, threads: int | None = None, check_hashes: bool = True,
                  speculative: bool = True):  # fmt: skip
         self.folder = Path(folder)
-        self.manifest: dict[str, Any] = read_manifest(self.folder, check_hashes=check_hashes)
-        backend = self.manifest["backend"]
+        self.manifest: Manifest = read_manifest(self.folder, check_hashes=check_hashes)
+        backend = self.manifest.backend
         self.session_config = SessionConfig(
-            threads=backend.get("threads", 0) if threads is None else threads,
-            optimization_level=backend.get("optimization_level", "extended"),
+            threads=backend.threads if threads is None else threads,
+            optimization_level=backend.optimization_level or "extended",
         )
-        self.backend = open_backend(self.folder, self.manifest, self.session_config)
-        self.step_model = step_model_of(self.backend, self.manifest)
-        self.tokenizer = Tokenizer.from_folder(self.folder / self.manifest["tokenizer"]["folder"])
-        self.eos_token_ids = list(self.manifest["tokenizer"]["eos_token_ids"])
-        spec = self.manifest.get("speculative")
-        self.speculative = self._speculative_decoder(spec) if spec and speculative else None
+        self.backend = open_backend(self.folder, backend, self.manifest.graphs, self.session_config)
+        self.step_model = artifact_step_model(self.backend, self.manifest)
+        self.tokenizer = Tokenizer.from_folder(self.folder / self.manifest.tokenizer.folder)
+        self.eos_token_ids = list(self.manifest.tokenizer.eos_token_ids)
+        spec = self.manifest.speculative
+        decodes_speculatively = self.manifest.decode_mode == DecodeMode.SPECULATIVE and speculative
+        self.speculative = self._speculative_decoder(spec) if spec and decodes_speculatively else None
 
-    def _graph(self, name: str):
-        if name == "verify" and isinstance(self.step_model, VerifyStepModel | SplitStepModel):
+    def _graph(self, name: GraphName):
+        if name == GraphName.VERIFY and isinstance(self.step_model, VerifyStepModel | SplitStepModel):
             return self.step_model.graph  # one session (one copy of the weights) serves both
-        if name == "self_draft" and isinstance(self.step_model, SplitStepModel):
+        if name == GraphName.SELF_DRAFT and isinstance(self.step_model, SplitStepModel):
             return self.step_model.draft_graph
         return self.backend.graph(name, self.step_model.cache)
 
-    def _table_source(self, name: str, spec: dict[str, Any]) -> CandidateSource:
+    def _table_source(self, name: str, spec: DrafterEntry) -> CandidateSource:
         if name == "prompt-lookup":
             return PromptLookupDrafter()
         if name == "recycle":
-            warm = spec.get("recycle")
-            state = load_file(str(self.folder / warm["file"])) if warm else {}  # older: no pair cache
-            return RecyclingDrafter(self.manifest["model"]["config"]["vocab_size"], state=state)
-        if name == "corpus":
-            stored = load_file(str(self.folder / spec["corpus"]["file"]))
+            warm = spec.recycle
+            state = load_file(str(self.folder / warm.file)) if warm else {}  # no warm table: starts empty
+            return RecyclingDrafter(self.manifest.model.config["vocab_size"], state=state)
+        if name == "corpus" and spec.corpus is not None:
+            stored = load_file(str(self.folder / spec.corpus.file))
             return CorpusDrafter(CorpusIndex(stored["tokens"], stored["suffix_array"]))
         raise ModelSourceError(f"the artifact's drafter source '{name}' is unknown to this skiptree",
                                "recompile the artifact with this version")  # fmt: skip
 
-    def _drafter(self, spec: dict[str, Any]) -> Drafter:
-        names = spec.get("sources") or ([spec["drafter"]] if spec["drafter"] in TABLE_SOURCES else [])
+    def _drafter(self, spec: DrafterEntry) -> Drafter:
+        names = spec.sources or ((spec.drafter,) if spec.drafter in TABLE_SOURCES else ())
         if names:  # free drafters, one or merged
             sources = [self._table_source(name, spec) for name in names]
-            return MergedDrafter(sources, VerifyCost.from_json(spec.get("verify_cost")))
-        if spec["drafter"] == "feature-head":
-            name = spec["feature_head"]["graph"]
-            head = self.backend.graph(name, self.backend.cache(self.manifest["graphs"][name]["signature"]))
-            return FeatureDrafter(head, self.manifest["model"]["config"]["hidden_size"])
-        if spec["drafter"] == "self":
-            return SelfDrafter(self._graph("self_draft"), spec["self_draft"]["kind"] == "exit")
-        draft = spec["draft_model"]
-        cache = KVCache(draft["signature"])
-        return DraftModelDrafter(OnnxStepModel(self.folder / draft["file"], draft["signature"],
+            cost = spec.verify_cost
+            return MergedDrafter(sources, VerifyCost(cost.nodes, cost.ratio, cost.paired) if cost else None)
+        if spec.feature_head is not None:
+            name = spec.feature_head.graph
+            head = self.backend.graph(name, self.backend.cache(self.manifest.graphs[name].signature))
+            return FeatureDrafter(head, self.manifest.model.config["hidden_size"])
+        if spec.self_draft is not None:
+            return SelfDrafter(self._graph(GraphName.SELF_DRAFT), spec.self_draft.kind == "exit")
+        draft = spec.draft_model
+        if draft is None:
+            raise ModelSourceError(f"the artifact's drafter '{spec.drafter}' is unknown to this skiptree",
+                                   "recompile the artifact with this version")  # fmt: skip
+        cache = KVCache(draft.signature)
+        return DraftModelDrafter(OnnxStepModel(self.folder / draft.file, draft.signature,
                                                self.session_config, cache))  # fmt: skip
 
-    def _speculative_decoder(self, spec: dict[str, Any]) -> SpeculativeDecoder:
-        shape = TreeShape(tuple(spec["tree"]["parents"]), spec["tree"].get("spec", ""))
-        return SpeculativeDecoder(self.step_model, self._graph("verify"), self._graph("compact"),
-                                  self._drafter(spec), shape)  # fmt: skip
+    def _speculative_decoder(self, spec: DrafterEntry) -> SpeculativeDecoder:
+        shape = TreeShape(spec.tree.parents, spec.tree.spec)
+        return SpeculativeDecoder(self.step_model, self._graph(GraphName.VERIFY),
+                                  self._graph(GraphName.COMPACT), self._drafter(spec), shape)  # fmt: skip
 
     def decode_tokens(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
                       eos: Sequence[int], seed: int | None,
@@ -110,9 +122,9 @@ class Runtime(TextGenerator):
     @property
     def precision(self) -> str:
         """The target's weights as run: "float32", or e.g. "int4 weights (block 32), float32 activations"."""
-        dtype = self.manifest.get("dtype", "float32")
-        graph = self.manifest["graphs"].get("verify") or self.manifest["graphs"].get("step") or {}
-        quantization = graph.get("quantization")
+        dtype, graphs = self.manifest.dtype, self.manifest.graphs
+        graph = graphs.get(GraphName.VERIFY) or graphs.get(GraphName.STEP)
+        quantization = graph.quantization if graph else None
         if not quantization:
             return dtype
         head = "" if quantization["head"] else ", float head"
@@ -125,65 +137,77 @@ class Runtime(TextGenerator):
 
     @property
     def description(self) -> str:
-        backend, spec = self.manifest["backend"], self.manifest.get("speculative")
-        mode = f", speculative: {spec['drafter']} {spec['tree']['spec']}" if self.speculative else ""
-        parents = spec["tree"]["parents"] if spec else []
+        backend, spec = self.manifest.backend, self.manifest.speculative
+        mode = f", speculative: {spec.drafter} {spec.tree.spec}" if self.speculative and spec else ""
+        parents = list(spec.tree.parents) if spec else []
         branching = parents != list(range(-1, len(parents) - 1))
         if self.speculative and branching and "int8 activations" in self.precision:
             # measured (README, int8 activations): chains are exact, branching trees are not
             mode += (" (LOSSY at near-ties: with int8 activations a branching tree can differ from "
                      "plain decoding; a chain:N tree or --quantize ...:accuracy=0 is exact)")  # fmt: skip
-        if early := self.manifest.get("early_exit"):
-            mode = (f", early exit (LOSSY): gate {early['gate']} at layers {early['exits']}, calibrated "
-                    f"agreement {early['agreement']:.3f} with the full model, {early['mean_layers']:.1f} of "
-                    f"{early['num_layers']} layers on average")  # fmt: skip
-        return (f"{backend['name']} {backend['version']} artifact, {self.manifest['model']['source']}, "
+        early = self.manifest.early_exit
+        if self.manifest.decode_mode == DecodeMode.EARLY_EXIT and early is not None:
+            mode = (f", early exit (LOSSY): gate {early.gate} at layers {list(early.exits)}, calibrated "
+                    f"agreement {early.agreement:.3f} with the full model, {early.mean_layers:.1f} of "
+                    f"{early.num_layers} layers on average")  # fmt: skip
+        return (f"{backend.name} {backend.version} artifact, {self.manifest.model.source}, "
                 f"{self.precision}{mode}")  # fmt: skip
 
 
 class OnnxBackend:
     """Opens an artifact's ONNX graphs: caches are `KVCache`s, graphs ORT sessions bound to them."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], config: SessionConfig):
-        self.folder, self.graphs, self.config = Path(folder), manifest["graphs"], config
+    def __init__(self, folder: Path, graphs: Mapping[str, GraphEntry], config: SessionConfig):
+        self.folder, self.graphs, self.config = Path(folder), graphs, config
 
     def cache(self, signature: dict, num_layers: int | None = None) -> KVCache:
         return KVCache(signature, num_layers)
 
     def graph(self, name: str, cache: KVCache) -> OnnxGraph:
-        return OnnxGraph(self.folder / self.graphs[name]["file"], cache, self.config)
+        return OnnxGraph(self.folder / self.graphs[name].file, cache, self.config)
 
 
-def open_backend(folder: Path, manifest: dict[str, Any], config: SessionConfig):
+def open_backend(folder: Path, backend: BackendEntry, graphs: Mapping[str, GraphEntry],
+                 config: SessionConfig):  # fmt: skip
     """The backend that runs the artifact's graphs (TVM is imported only for TVM artifacts)."""
-    name = manifest.get("backend", {}).get("name", "onnxruntime")
-    if name == "onnxruntime":
-        return OnnxBackend(folder, manifest, config)
-    if name == "tvm":
-        from skiptree.runtime.tvm_step import TvmBackend
+    if backend.name == "onnxruntime":
+        return OnnxBackend(folder, graphs, config)
+    if backend.name == "tvm" and backend.weights:
+        from skiptree.runtime.tvm_step import TvmBackend  # imports tvm: only for TVM artifacts
 
-        return TvmBackend(folder, manifest, config)
-    raise ModelSourceError(f"artifact backend '{name}' is not supported by this skiptree",
+        return TvmBackend(folder, backend.weights, graphs, config)
+    raise ModelSourceError(f"artifact backend '{backend.name}' is not supported by this skiptree",
                            "recompile with --backend onnxruntime or --backend tvm")  # fmt: skip
 
 
-def step_model_of(backend, manifest: dict[str, Any]):
-    """The artifact's step model: its "step" graph, or its verify graph when it has no step graph."""
-    graphs = manifest["graphs"]
-    if "exit_step" in graphs:
-        threshold = (manifest.get("early_exit") or {}).get("threshold", NEVER)
-        cache = backend.cache(graphs["step"]["signature"])
-        return EarlyExitStepModel(backend.graph("step", cache), backend.graph("exit_step", cache), threshold)
-    if "step" in graphs:
-        return GraphStepModel(backend.graph("step", backend.cache(graphs["step"]["signature"])))
-    verify, speculative = graphs["verify"], manifest.get("speculative")
-    max_tree = speculative["max_tree"] if speculative else verify["max_tree"]  # plain: a fused verify graph
-    if "self_draft" in graphs and verify["signature"]["inputs"][0]["name"] == "hidden":  # a prefix exit
-        cache = backend.cache(verify["signature"], num_layers=manifest["model"]["config"]["num_layers"])
-        return SplitStepModel(backend.graph("self_draft", cache), backend.graph("verify", cache), max_tree)
-    activations = (verify.get("quantization") or {}).get("accuracy_level", 0)
-    even_rows = bool(speculative) and activations == 4  # int8 under speculation: see pad_to_even_rows
-    return VerifyStepModel(backend.graph("verify", backend.cache(verify["signature"])), max_tree, even_rows)
+def step_model_of(backend, graphs: Mapping[str, GraphEntry], mode: DecodeMode, num_layers: int,
+                  max_tree: int | None = None, threshold: float = NEVER):  # fmt: skip
+    """The step model of decode mode `mode`: early exit's "step" + "exit_step" (exiting at
+    `threshold`), else the "step" graph, else the verify graph (trees of up to `max_tree` tokens,
+    default the graph's), which a prefix-exit self-draft's graph feeds."""
+    if mode == DecodeMode.EARLY_EXIT:
+        cache = backend.cache(graphs[GraphName.STEP].signature)
+        return EarlyExitStepModel(backend.graph(GraphName.STEP, cache),
+                                  backend.graph(GraphName.EXIT_STEP, cache), threshold)  # fmt: skip
+    if GraphName.STEP in graphs:
+        return GraphStepModel(backend.graph(GraphName.STEP, backend.cache(graphs[GraphName.STEP].signature)))
+    verify = graphs[GraphName.VERIFY]  # plain: a fused verify graph serves as the step
+    max_tree = max_tree or verify.max_tree or 1
+    if GraphName.SELF_DRAFT in graphs and verify.signature["inputs"][0]["name"] == "hidden":  # a prefix exit
+        cache = backend.cache(verify.signature, num_layers=num_layers)
+        return SplitStepModel(backend.graph(GraphName.SELF_DRAFT, cache),
+                              backend.graph(GraphName.VERIFY, cache), max_tree)  # fmt: skip
+    activations = (verify.quantization or {}).get("accuracy_level", 0)
+    even_rows = mode == DecodeMode.SPECULATIVE and activations == 4  # int8, speculating: pad_to_even_rows
+    graph = backend.graph(GraphName.VERIFY, backend.cache(verify.signature))
+    return VerifyStepModel(graph, max_tree, even_rows)
+
+
+def artifact_step_model(backend, manifest: Manifest):
+    """`step_model_of` for a whole artifact."""
+    early = manifest.early_exit
+    return step_model_of(backend, manifest.graphs, manifest.decode_mode, manifest.model.config["num_layers"],
+                         manifest.max_tree, early.threshold if early else NEVER)  # fmt: skip
 
 
 def is_artifact(path: Path) -> bool:

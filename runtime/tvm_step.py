@@ -14,6 +14,7 @@ anything else runs the dynamic entry `main` (our matmul schedules, untuned for t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import tvm
 from safetensors.numpy import load_file
 from tvm import relax
 
+from skiptree.runtime.manifest import GraphEntry
 from skiptree.runtime.onnx_step import SessionConfig, is_cache
 
 STATIC_PREFIX = "tokens_"  # written by skiptree.compiler.lower.to_tvm
@@ -73,19 +75,19 @@ class TvmCache:
 class TvmGraph:
     """One lowered graph over a shared `TvmCache`: `run(inputs, outputs)` as `OnnxGraph.run`."""
 
-    def __init__(self, path: Path, entry: dict[str, Any], cache: TvmCache, weights: TvmWeights,
+    def __init__(self, path: Path, entry: GraphEntry, cache: TvmCache, weights: TvmWeights,
                  config: SessionConfig):  # fmt: skip
         set_threads(config.threads)
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-        signature = entry["signature"]
+        signature = entry.signature
         self.cache = cache
         self.inputs = [spec for spec in signature["inputs"] if spec["name"] not in cache.tensors]
         self.cache_names = [spec["name"] for spec in signature["inputs"] if spec["name"] in cache.tensors]
         self.session_inputs = [spec["name"] for spec in signature["inputs"]]  # as OnnxGraph's
         self.outputs = {spec["name"]: i for i, spec in enumerate(signature["outputs"])}
         self.in_place = signature["in_place"]  # output name -> the cache it replaces
-        self.static_tokens = set(entry.get("static_tokens", ()))
-        self.weights = weights.arguments(entry["params"])
+        self.static_tokens = set(entry.static_tokens or ())
+        self.weights = weights.arguments(list(entry.params or ()))
         self.token_axis = next(((spec["name"], spec["shape"].index("T")) for spec in self.inputs
                                 if "T" in spec["shape"]), None)  # fmt: skip
 
@@ -142,13 +144,13 @@ def pad_tree(inputs: dict[str, np.ndarray], tokens: int) -> dict[str, np.ndarray
 class TvmBackend:
     """Opens an artifact's TVM graphs: one `TvmWeights` for all of them, `TvmCache`s, `TvmGraph`s."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], config: SessionConfig):
-        self.folder, self.graphs, self.config = Path(folder), manifest["graphs"], config
-        self.weights = TvmWeights(self.folder / manifest["backend"]["weights"])
+    def __init__(self, folder: Path, weights: str, graphs: Mapping[str, GraphEntry], config: SessionConfig):
+        self.folder, self.graphs, self.config = Path(folder), graphs, config
+        self.weights = TvmWeights(self.folder / weights)
 
     def cache(self, signature: dict, num_layers: int | None = None) -> TvmCache:
         return TvmCache(signature, num_layers)
 
     def graph(self, name: str, cache: TvmCache) -> TvmGraph:
         entry = self.graphs[name]
-        return TvmGraph(self.folder / entry["file"], entry, cache, self.weights, self.config)
+        return TvmGraph(self.folder / entry.file, entry, cache, self.weights, self.config)

@@ -31,6 +31,7 @@ def compile(model: str | Path, out_dir: str | Path, **options: Any) -> Path:  # 
     `options` are the fields of `skiptree.compiler.options.CompileOptions` (backend,
     max_seq_len, optimization_level, threads, dump_ir, verify, check).
     """
+    # torch-heavy: imported when compiling, so `import skiptree` and `skiptree.load` stay torch-free
     from skiptree.compiler.compile import compile_model
     from skiptree.compiler.options import CompileOptions
 
@@ -42,7 +43,7 @@ def load(path: str | Path, threads: int | None = None, speculative: bool = True)
 
     An artifact compiled with a drafter decodes speculatively unless `speculative=False`.
     """
-    from skiptree.runtime.artifact import load as load_artifact
+    from skiptree.runtime.artifact import load as load_artifact  # onnxruntime: only when loading
 
     return load_artifact(path, threads=threads, speculative=speculative)
 

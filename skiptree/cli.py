@@ -21,7 +21,7 @@ def _log(message: str) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from skiptree.models import zoo
+    from skiptree.models import zoo  # each command imports what it needs: --help stays instant
 
     if args.list or not args.name:
         for entry in zoo.ZOO.values():
@@ -41,6 +41,7 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    # the compiler imports torch: loaded by the commands that compile, so generate stays torch-free
     from skiptree.compiler.compile import compile_model
     from skiptree.compiler.options import CompileOptions
     from skiptree.compiler.tune.driver import tuned_options
@@ -64,6 +65,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         draft_quantize=args.draft_quantize,
     )
     if args.tuned is not None:
+        # torch-heavy, like the imports above: only --tuned needs the weights' hash
         from skiptree.compiler.compile import weights_sha256
         from skiptree.models.source import resolve_model_dir
 
@@ -80,7 +82,7 @@ def train_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from skiptree.compiler.tune.driver import BackendChoice, tune
+    from skiptree.compiler.tune.driver import BackendChoice, tune  # torch-heavy: only tune needs it
 
     prompts = read_prompts(args.prompts) if args.prompts else None
     backend = BackendChoice(args.backend, args.trials, args.trials_per_task)
@@ -94,6 +96,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
+    # the DP alone: loaded for this command only (no model, no torch)
     from skiptree.compiler.tune.tree_dp import solve_tree
     from skiptree.runtime.tree import TreeSpecError
 
@@ -116,15 +119,16 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 def _load_generator(model: str, args: argparse.Namespace):
     """What generates for MODEL: a compiled artifact, else the eager reference of a model source."""
-    from skiptree.runtime.artifact import is_artifact, load
+    from skiptree.runtime.artifact import is_artifact, load  # onnxruntime: only generate loads it
 
     if is_artifact(model):
         start = time.perf_counter()
         runtime = load(model, threads=args.threads or None, speculative=not args.no_speculative)
         _log(f"loaded {runtime.description} in {time.perf_counter() - start:.1f} s (hashes checked)")
         return runtime
-    import torch
+    import torch  # the eager reference only: an artifact decodes without torch
 
+    # the eager reference (torch), as above
     from skiptree.models.reference import ReferenceModel
     from skiptree.models.source import resolve_model_dir
 
@@ -139,7 +143,7 @@ def _load_generator(model: str, args: argparse.Namespace):
 
 
 def _engine(generator) -> str:
-    return generator.manifest["backend"]["name"] if hasattr(generator, "manifest") else "reference"
+    return generator.manifest.backend.name if hasattr(generator, "manifest") else "reference"
 
 
 def _precision(generator) -> str:

@@ -5,8 +5,8 @@ trained feature head (graphs made by passes), or a draft model compiled next to 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,6 +21,14 @@ from skiptree.models.feature_head import KIND
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
 from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
+from skiptree.runtime.manifest import (
+    DrafterEntry,
+    DraftModelEntry,
+    FeatureHeadEntry,
+    GraphName,
+    SelfDraftEntry,
+    TreeEntry,
+)
 from skiptree.runtime.tokenizer import Tokenizer
 
 
@@ -35,22 +43,21 @@ def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_source: str)
 
 def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_config: ModelConfig,
                   building: Path, log: Callable[[str], None], draft_vocab: tuple[int, ...] = ()
-                  ) -> dict[str, Any]:  # fmt: skip
-    """Compile the drafter into the artifact folder; returns its manifest entry."""
-    entry: dict[str, Any] = {"tree": options.tree.to_json(), "max_tree": options.max_tree}
+                  ) -> DrafterEntry:  # fmt: skip
+    """Compile the drafter into the artifact folder; returns its manifest entry (a free drafter's
+    state, the verify cost and the draft vocabulary are added by compile)."""
+    tree = TreeEntry(options.tree.spec, options.tree.parents, options.tree.depth, options.tree_provenance)
+    entry = DrafterEntry(drafter="", tree=tree, max_tree=options.max_tree)
     draft = options.draft
     if isinstance(draft, FreeDraft):  # their state (a warm table, a corpus) is added by compile
-        names = list(draft.sources)
-        return {**entry, "drafter": "+".join(names), "sources": names}
+        return replace(entry, drafter="+".join(draft.sources), sources=tuple(draft.sources))
     if isinstance(draft, FeatureHeadDraft):  # the graph came from the InsertFeatureHead pass
         _, record = load_trained(draft.weights, KIND)
-        return {**entry, "drafter": KIND, "feature_head": {"graph": "feature_draft", "training": record}}
+        return replace(entry, drafter=KIND, feature_head=FeatureHeadEntry(GraphName.FEATURE_DRAFT, record))
     if isinstance(draft, SelfDraftSpec):  # the graph itself came from the SkipLayers pass
-        spec = draft
-        num_layers = target_config.num_layers
-        return {**entry, "drafter": "self", "self_draft": {
-            "spec": str(spec), "kind": spec.kind, "layers": spec.kept(num_layers),
-            "layers_run_share": len(spec.kept(num_layers)) / num_layers}}  # fmt: skip
+        layers, num_layers = tuple(draft.kept(target_config.num_layers)), target_config.num_layers
+        return replace(entry, drafter="self", self_draft=SelfDraftEntry(
+            str(draft), draft.kind, layers, len(layers) / num_layers))  # fmt: skip
     folder = resolve_model_dir(draft.source)
     check_same_tokenizer(target_tokenizer, Tokenizer.from_folder(folder), draft.source)
     dtype = getattr(torch, options.dtype)
@@ -63,12 +70,12 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
     log(f"         draft model {draft.source}: tracing and lowering its step graph")
     ir = trace_model(model, options.max_seq_len)
     if draft_vocab:  # the same tokenizer, so the target's frequent ids are the draft's
-        ir = ShrinkDraftVocab(draft_vocab, "step").run(ir).ir
-    path = export_onnx(ir.graphs["step"], building / "draft_step.onnx")
+        ir = ShrinkDraftVocab(draft_vocab, GraphName.STEP).run(ir).ir
+    path = export_onnx(ir.graphs[GraphName.STEP], building / "draft_step.onnx")
     quantization = None
     if options.draft_quantize:  # a draft model's graph is all draft: quantise it whole
         quantization = quantize_onnx_file(path, options.draft_quantize, model.config.vocab_size)
-    return {**entry, "drafter": "draft-model", "draft_model": {
-        "source": draft.source, "model_type": model.config.model_type,
-        "config": model.config.to_json(), "file": "draft_step.onnx", "quantization": quantization,
-        "signature": ir.graphs["step"].signature_json()}}  # fmt: skip
+    return replace(entry, drafter="draft-model", draft_model=DraftModelEntry(
+        source=draft.source, model_type=model.config.model_type, config=model.config.to_json(),
+        file=path.name, quantization=quantization,
+        signature=ir.graphs[GraphName.STEP].signature_json()))  # fmt: skip

@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from safetensors.numpy import save_file
 
 from skiptree.compiler.specs import CompileOptionError
 from skiptree.runtime.corpus import CORPUS_FILE, MAX_CORPUS_TOKENS, CorpusIndex
+from skiptree.runtime.manifest import CorpusEntry
 from skiptree.runtime.tokenizer import Tokenizer
 
 MAX_CORPUS_BYTES = 64 << 20
@@ -65,7 +65,7 @@ def read_documents(path: Path) -> tuple[list[str], int]:
 
 
 def write_corpus(path: Path, tokenizer: Tokenizer, folder: Path, log: Callable[[str], None]
-                 ) -> dict[str, Any]:  # fmt: skip
+                 ) -> CorpusEntry:  # fmt: skip
     """Tokenize and index the corpus into `folder`; returns the manifest's `corpus` entry."""
     start = time.perf_counter()
     texts, skipped = read_documents(path)
@@ -80,6 +80,6 @@ def write_corpus(path: Path, tokenizer: Tokenizer, folder: Path, log: Callable[[
     seconds = time.perf_counter() - start
     log(f"         {len(documents)} documents ({skipped} binary files skipped), {len(index):,} tokens; "
         f"tokenized in {tokenized - start:.1f} s, indexed in {seconds - (tokenized - start):.1f} s")
-    return {"file": CORPUS_FILE, "source": str(path), "documents": len(documents), "skipped_files": skipped,
-            "tokens": len(index), "bytes": int(index.tokens.nbytes + index.suffixes.nbytes),
-            "build_seconds": round(seconds, 3)}  # fmt: skip
+    return CorpusEntry(file=CORPUS_FILE, source=str(path), documents=len(documents), skipped_files=skipped,
+                       tokens=len(index), bytes=int(index.tokens.nbytes + index.suffixes.nbytes),
+                       build_seconds=round(seconds, 3))  # fmt: skip

@@ -10,7 +10,6 @@ no pickle; 4.2 MB at SmolLM2's vocabulary) and checked by the manifest's sha256 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from safetensors.numpy import save_file
 
 from skiptree.models.base import CausalLM
 from skiptree.models.reference import ReferenceStepper
+from skiptree.runtime.manifest import RecycleEntry
 from skiptree.runtime.recycling import EMPTY, TABLE_FILE, RecyclingDrafter
 
 
@@ -42,10 +42,10 @@ def warm_state(model: CausalLM, prompts: list[list[int]], max_seq_len: int, new_
 
 
 def write_warm_table(model: CausalLM, prompts: list[list[int]], folder: Path, max_seq_len: int
-                     ) -> dict[str, Any]:  # fmt: skip
+                     ) -> RecycleEntry:  # fmt: skip
     """Warm the table and pair cache into `folder`; returns the manifest's `recycle` entry."""
     state = warm_state(model, prompts, max_seq_len)
     save_file(state, str(Path(folder) / TABLE_FILE))
-    return {"file": TABLE_FILE, "width": int(state["table"].shape[1]), "warm_prompts": len(prompts),
-            "rows_filled": int((state["table"][:, 0] != EMPTY).sum()),
-            "pairs_filled": int((state["pair_keys"] != EMPTY).sum())}  # fmt: skip
+    return RecycleEntry(file=TABLE_FILE, width=int(state["table"].shape[1]), warm_prompts=len(prompts),
+                        rows_filled=int((state["table"][:, 0] != EMPTY).sum()),
+                        pairs_filled=int((state["pair_keys"] != EMPTY).sum()))  # fmt: skip

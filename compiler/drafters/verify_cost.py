@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from skiptree.models.config import ModelConfig
 from skiptree.runtime.artifact import open_backend, step_model_of
+from skiptree.runtime.manifest import BackendEntry, DecodeMode, GraphEntry, VerifyCostEntry
 from skiptree.runtime.onnx_step import SessionConfig, pad_to_even_rows
 
 COST_NODES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -36,16 +38,19 @@ def nondecreasing(values: list[float]) -> list[float]:
     return [mean for mean, count in blocks for _ in range(int(count))]
 
 
-def measure_verify_cost(folder: Path, manifest: dict[str, Any], threads: int, repeats: int = 5
-                        ) -> dict[str, Any]:  # fmt: skip
-    """{"prefix", "plain_ms", "nodes", "ratio", "paired"} of the verify graph in the artifact being built."""
-    step = step_model_of(open_backend(folder, manifest, SessionConfig(threads=threads)), manifest)
+def measure_verify_cost(folder: Path, graphs: Mapping[str, GraphEntry], backend: BackendEntry,
+                        max_tree: int, config: ModelConfig, threads: int, repeats: int = 5
+                        ) -> VerifyCostEntry:  # fmt: skip
+    """T(n) / T(0) of the verify graph in the artifact being built (`graphs`, lowered for `backend`),
+    as speculative decoding with trees of up to `max_tree` tokens calls it."""
+    opened = open_backend(folder, backend, graphs, SessionConfig(threads=threads))
+    step = step_model_of(opened, graphs, DecodeMode.SPECULATIVE, config.num_layers, max_tree)
     graph, max_seq_len = step.graph, step.max_seq_len
-    largest = min(manifest["speculative"]["max_tree"], getattr(step, "max_tree", 64)) - 1
+    largest = min(max_tree, getattr(step, "max_tree", 64)) - 1
     paired = getattr(step, "even_rows", False)
     nodes = sorted({n | 1 if paired else n for n in COST_NODES} & set(range(1, largest + 1)))
     prefix = min(128, max_seq_len - (max(nodes, default=0) + 1))
-    vocab = manifest["model"]["config"]["vocab_size"]
+    vocab = config.vocab_size
     step.prefill([(7 * i + 3) % vocab for i in range(prefix)])
 
     def verify(n: int) -> None:
@@ -67,5 +72,5 @@ def measure_verify_cost(folder: Path, manifest: dict[str, Any], threads: int, re
                 times[n].append(1000 * (time.perf_counter() - start))
     medians = {n: statistics.median(t) for n, t in times.items()}
     ratios = nondecreasing([medians[n] / medians[0] for n in nodes])  # more nodes never cost less
-    return {"prefix": prefix, "plain_ms": round(medians[0], 3), "nodes": nodes,
-            "ratio": [round(float(r), 4) for r in ratios], "paired": paired}  # fmt: skip
+    return VerifyCostEntry(prefix=prefix, plain_ms=round(medians[0], 3), nodes=tuple(nodes),
+                           ratio=tuple(round(float(r), 4) for r in ratios), paired=paired)  # fmt: skip

@@ -14,6 +14,7 @@ from torch import nn
 
 from skiptree.compiler.ir.graph import ModelIR, StepGraph, TensorSpec, build_block_view
 from skiptree.models.base import CausalLM
+from skiptree.runtime.manifest import GraphName
 
 STEP_INPUTS = ("input_ids", "positions", "attn_bias", "write_slots")
 
@@ -114,7 +115,7 @@ def trace_step(model: CausalLM, max_seq_len: int) -> StepGraph:
     dtype = str(example[4].dtype).removeprefix("torch.")
     outputs = [TensorSpec("logits", dtype, (1, "T", model.config.vocab_size)),
                TensorSpec("next_ids", "int64", (1, "T"))]  # fmt: skip
-    return export_with_caches("step", StepModule(model), inputs, example[4:], outputs, max_seq_len)
+    return export_with_caches(GraphName.STEP, StepModule(model), inputs, example[4:], outputs, max_seq_len)
 
 
 def trace_model(model: CausalLM, max_seq_len: int) -> ModelIR:
@@ -123,5 +124,5 @@ def trace_model(model: CausalLM, max_seq_len: int) -> ModelIR:
         raise ValueError(
             f"max_seq_len {max_seq_len} exceeds the model's context {model.config.max_position_embeddings}"
         )
-    graphs = {"step": trace_step(model, max_seq_len)}
+    graphs = {GraphName.STEP: trace_step(model, max_seq_len)}
     return ModelIR(model.config, model, max_seq_len, graphs, build_block_view(model.config, graphs))

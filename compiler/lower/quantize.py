@@ -24,8 +24,11 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+from skiptree.compiler.lower.quantize_grid import apply_grid
 from skiptree.compiler.specs import WeightQuantization
+from skiptree.models.gguf_grid import BLOCK
 
 
 def fold_transposed_weights(model: onnx.ModelProto) -> int:
@@ -71,11 +74,6 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     """Quantise one exported graph in place (`path` + its external data); returns what was done.
     `grid`: a GGUF source's Q4_0 / Q4_1 / Q8_0 matrices (`read_grid`), lowered on their own grid
     when the block size is ggml's 32 (`compiler/lower/quantize_grid.py`); the rest is quantised here."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from skiptree.compiler.lower.quantize_grid import apply_grid
-    from skiptree.models.gguf_grid import BLOCK
-
     path = Path(path)
     data = path.with_name(path.name + ".data")
     model = onnx.load(str(path), load_external_data=True)

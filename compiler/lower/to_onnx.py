@@ -24,6 +24,7 @@ from skiptree.compiler.lower.onnx_contrib import (
     pack_attention_projections,
 )
 from skiptree.compiler.lower.quantize import quantize_onnx_file
+from skiptree.runtime.manifest import GraphName
 
 
 def _rename_dynamic_dims(model: onnx.ModelProto, step: StepGraph) -> None:
@@ -76,7 +77,7 @@ def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, dict]:
     """
     files = {}
     for name, step in ir.graphs.items():
-        if name == "step" and "verify" in ir.graphs:
+        if name == GraphName.STEP and GraphName.VERIFY in ir.graphs:
             continue
         path = export_onnx(step, Path(folder) / f"{name}.onnx")
         spec = ir.weight_quantization.get(name)

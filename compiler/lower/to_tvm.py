@@ -32,12 +32,13 @@ import tvm
 from safetensors.numpy import save_file
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
-from tvm.s_tir import dlight
+from tvm.s_tir import dlight, meta_schedule
 from tvm.target import codegen
 
 from skiptree.compiler.ir.graph import ModelIR, StepGraph
 from skiptree.compiler.lower.tvm_inplace import write_caches_in_place
 from skiptree.compiler.lower.tvm_schedules import schedule_step_matmuls
+from skiptree.runtime.manifest import GraphName
 
 WEIGHTS_FILE = "weights.safetensors"
 STATIC_PREFIX = "tokens_"  # static entry for N tokens: f"tokens_{N}"
@@ -175,8 +176,6 @@ def build(module: tvm.IRModule, target: tvm.target.Target, database_dir: Path | 
     """Legalised module -> executable: tuned schedules from the database, dlight's GEMV rule for the rest."""
     with target, quiet_native_logs():
         if database_dir is not None and (Path(database_dir) / "database_workload.json").is_file():
-            from tvm.s_tir import meta_schedule
-
             database = meta_schedule.database.JSONDatabase(work_dir=str(database_dir))
             with database:
                 module = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(module)
@@ -197,7 +196,7 @@ def lower_to_tvm(ir: ModelIR, folder: Path, target: tvm.target.Target, static_to
     weights: dict[str, np.ndarray] = {}
     graphs: dict[str, dict[str, Any]] = {}
     for name, step in ir.graphs.items():
-        if name == "step" and "verify" in ir.graphs:
+        if name == GraphName.STEP and GraphName.VERIFY in ir.graphs:
             continue
         imported = import_graph(step, static_tokens)
         if tune is not None:
@@ -217,6 +216,8 @@ def tvm_lowering(ir: ModelIR, folder: Path, options: Any, log: Callable[[str], N
 
     Static entries: one token (a decode step) and, with a draft, the tree's node count (a verify step).
     """
+    # MetaSchedule tuning (xgboost, a worker pool) is loaded only when a compile tunes; it imports
+    # this module's helpers, so a module-level import would also be a cycle.
     from skiptree.compiler.lower.tvm_tune import ScheduleTuning, tune_schedules
 
     target = host_target(options.threads or 1)
@@ -227,7 +228,7 @@ def tvm_lowering(ir: ModelIR, folder: Path, options: Any, log: Callable[[str], N
     tuned: dict[str, Any] = {}
 
     def tune(name: str, imported: ImportedGraph) -> None:
-        if options.tvm_trials and name in ("verify", "step"):  # the graphs decoding runs every step
+        if options.tvm_trials and name in (GraphName.VERIFY, GraphName.STEP):  # decoding runs them each step
             tuned[name] = tune_schedules(imported, target, options.tvm_database, tuning, log)
 
     graphs = lower_to_tvm(ir, folder, target, static_tokens, options.tvm_database, tune)

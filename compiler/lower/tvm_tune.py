@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from skiptree.compiler.lower.to_tvm import ImportedGraph, legalize, quiet_native_logs, static_module
 from skiptree.compiler.lower.tvm_schedules import IS_SCHEDULED
@@ -54,11 +60,6 @@ def worker_builder(pool: Any, timeout_sec: float) -> Any:
     worker (`pool`, a one-worker PopenPoolExecutor), killed and restarted on a candidate that takes
     over `timeout_sec` (a failed trial) and every few hundred builds (the leak).
     """
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
-    from tvm.support.popen_pool import StatusKind
-
     @derived_object
     class WorkerBuilder(ms.builder.PyBuilder):
         def build(self, build_inputs: list) -> list:
@@ -105,10 +106,6 @@ def _worth_tuning(task: Any, tuning: ScheduleTuning) -> bool:
 def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tuning: ScheduleTuning,
                    log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     """Tune an imported graph's static entries into `database_dir`; returns what was done."""
-    import time
-
-    from tvm.s_tir import meta_schedule as ms
-
     database_dir = Path(database_dir)
     database_dir.mkdir(parents=True, exist_ok=True)
     module = static_module(legalize(imported.module, target))
@@ -130,8 +127,6 @@ def tune_schedules(imported: ImportedGraph, target: Any, database_dir: Path, tun
         for handler in unnamed:
             logger.removeHandler(handler)
         progress = _ProgressLines(log)
-        from tvm.support.popen_pool import PopenPoolExecutor
-
         pool = PopenPoolExecutor(max_workers=1, timeout=BUILD_TIMEOUT_SEC, maximum_process_uses=256)
         try:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(

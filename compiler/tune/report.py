@@ -47,10 +47,11 @@ def _tree_positions(parents: list[int]) -> dict[int, tuple[float, float]]:
 
 
 def report_plot(record: dict[str, Any], path: Path) -> None:
+    # matplotlib is heavy and only the report draws: load it here, without a display (Agg)
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), so no display backend is tried
 
     figure, (ax_accept, ax_cost, ax_tree) = plt.subplots(1, 3, figsize=(15, 4.5))
     acceptance = record["acceptance"]["acceptance"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from skiptree.compiler.compile import compile_model
 from skiptree.compiler.drafters.self_draft_search import (
     SelfDraftCosts,
     exit_agreement_and_similarity,
@@ -27,36 +26,11 @@ from skiptree.compiler.drafters.self_draft_search import (
 )
 from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.specs import SelfDraftSpec, parse_self_draft
-from skiptree.compiler.tune.measure import (
-    CALIBRATION_PROMPTS,
-    VERIFY_SIZES,
-    _context,
-    _median_ms,
-    _prompt_ids,
-    measure_decode_ms,
-    measure_speedup,
-    measure_verify_ms,
-)
-from skiptree.compiler.tune.session import TuneSession
+from skiptree.compiler.tune.context import Outcome, TuneContext
+from skiptree.compiler.tune.measure import measure_probe_ms, measure_speedup, prompt_ids
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
-from skiptree.runtime.artifact import Runtime, is_artifact
-from skiptree.runtime.self_draft import run_draft_graph
 from skiptree.runtime.tree import chain
-
-
-def choice_header(target: str, runtime: Runtime, device: dict[str, Any], max_seq_len: int
-                  ) -> dict[str, Any]:  # fmt: skip
-    """What every choice.json starts with: what was tuned, for which weights, on which device."""
-    weights = runtime.manifest["model"]["weights_sha256"]
-    return {"target": str(target), "model_sha256": weights, "device": device, "max_seq_len": max_seq_len}
-
-
-def measure_probe_ms(runtime: Runtime, prefix: int) -> float:
-    """One self-draft pass (one token) of the runtime's drafter after a `prefix`-token context."""
-    graph = runtime.speculative.drafter.graph
-    runtime.step_model.prefill(_context(runtime, prefix))
-    return _median_ms(lambda: run_draft_graph(graph, [5], prefix, ("next_ids",)), 7)
 
 
 def search_acceptance(model, prompts: list[list[int]], new_tokens: int, log: Callable[[str], None]) -> dict:
@@ -70,54 +44,27 @@ def search_acceptance(model, prompts: list[list[int]], new_tokens: int, log: Cal
     return {"acceptance": found, "layer_similarity": [round(float(s), 4) for s in similarity]}
 
 
-def tune_self_draft(
-    target: str,
-    session_dir: Path,
-    fingerprint: str,
-    device: dict[str, Any],
-    prompts: Sequence[str] | None = None,
-    max_seq_len: int = 512,
-    prefix: int = 256,
-    max_new_tokens: int = 48,
-    threads: int = 1,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    session = TuneSession.open(Path(session_dir), fingerprint)
-    prompts = list(prompts or CALIBRATION_PROMPTS)
-    model = load_model(resolve_model_dir(target), torch.float32)
+def tune_self_draft(context: TuneContext) -> Outcome:
+    settings, log, measured = context.settings, context.log, context.measured
+    prompts = list(settings.prompts)
+    model = load_model(resolve_model_dir(context.target), torch.float32)
     count = model.config.num_layers
     probe = SelfDraftSpec("skip", skipped=tuple(range(count // 2, count)))  # drafts with the first L/2 layers
-    artifact = Path(session_dir) / "artifact"
-    if not is_artifact(artifact):
-        log(f"compiling the probe artifact ({probe}) into the session")
-        compile_model(
-            target,
-            artifact,
-            CompileOptions(max_seq_len=max_seq_len, draft=str(probe), tree="chain:1", check=False),
-            log=log,
-        )
-    runtime = Runtime(artifact, threads=threads)
-
-    def measured(kind: str, key: str, take: Callable[[], Any]) -> Any:
-        return session.measure(kind, key, take, log)
-
-    prefix = min(prefix, max_seq_len // 2)
-    decode_ms = measured("decode_ms", f"prefix={prefix}", lambda: measure_decode_ms(runtime, prefix))
-    verify_ms = {
-        n: measured("verify_ms", f"n={n},prefix={prefix}", lambda n=n: measure_verify_ms(runtime, n, prefix))
-        for n in VERIFY_SIZES
-        if n <= 8
-    }
+    runtime = context.artifact("artifact", CompileOptions(max_seq_len=settings.max_seq_len, draft=probe,
+                                                          tree="chain:1", check=False))  # fmt: skip
+    prefix = settings.context
+    decode_ms, verify_ms = context.step_costs(runtime, max_nodes=8)
     probe_ms = measured(
         "self_draft_ms", f"layers={count // 2},prefix={prefix}", lambda: measure_probe_ms(runtime, prefix)
     )
     costs = SelfDraftCosts(decode_ms, verify_ms, count // 2, probe_ms, count)
-    ids = [_prompt_ids(runtime, p) for p in prompts]
+    ids = [prompt_ids(runtime, p) for p in prompts]
     key = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:12]
+    new_tokens = settings.max_new_tokens
     found = measured(
         "self_acceptance",
-        f"prompts={key},tokens={max_new_tokens}",
-        lambda: search_acceptance(model, ids, max_new_tokens, log),
+        f"prompts={key},tokens={new_tokens}",
+        lambda: search_acceptance(model, ids, new_tokens, log),
     )
     specs = {
         str(SelfDraftSpec("exit", exit_layer=e)): SelfDraftSpec("exit", exit_layer=e) for e in range(1, count)
@@ -141,7 +88,7 @@ def tune_self_draft(
         )
     best = candidates[0]
     record = {
-        **choice_header(target, runtime, device, max_seq_len),
+        **context.choice_header(runtime),
         "decode_ms": decode_ms,
         "verify_ms": verify_ms,
         "probe_draft_ms": probe_ms,
@@ -157,20 +104,13 @@ def tune_self_draft(
         record.update(mode="plain", draft=None, predicted_speedup=1.0, measured_speedup=1.0)
     else:
         parents = list(chain(best["chain"]).parents)
-        winner = Path(session_dir) / "winner"
-        if not is_artifact(winner):
-            compile_model(
-                target,
-                winner,
-                CompileOptions(
-                    max_seq_len=max_seq_len, draft=best["draft"], tree=f"chain:{best['chain']}", check=False
-                ),
-                log=log,
-            )
+        options = CompileOptions(max_seq_len=settings.max_seq_len, draft=best["draft"],
+                                 tree=f"chain:{best['chain']}", check=False)  # fmt: skip
+        winner = context.artifact("winner", options)
         speedup = measured(
             "measured_speedup",
             best["draft"],
-            lambda: measure_speedup(Runtime(winner, threads=threads), parents, prompts, max_new_tokens),
+            lambda: measure_speedup(winner, parents, prompts, new_tokens),
         )
         log(
             f"chosen {best['draft']} chain {best['chain']}: measured {speedup:.2f}x "
@@ -183,9 +123,12 @@ def tune_self_draft(
             predicted_speedup=best["speedup"],
             measured_speedup=speedup,
         )
-    session.write_choice(record)
-    (Path(session_dir) / "report.md").write_text(report(record))
-    return record
+
+    def write(folder: Path) -> Path:
+        (folder / "report.md").write_text(report(record))
+        return folder / "report.md"
+
+    return Outcome(record, write)
 
 
 def report(record: dict[str, Any]) -> str:

@@ -51,8 +51,8 @@ def test_greedy_equals_reference(smollm2_pair, prompt):
 
 def test_manifest_check_and_chat(smollm2_pair):
     reference, runtime = smollm2_pair
-    assert runtime.manifest["check"]["max_abs_logit_error"] < 1e-3
-    assert runtime.manifest["check"]["argmax_agreement"] == 1.0
+    assert runtime.manifest.check.max_abs_logit_error < 1e-3
+    assert runtime.manifest.check.argmax_agreement == 1.0
     chat = runtime.generate("What is 2 + 2?", max_new_tokens=24, chat=True)
     assert chat.prompt_ids == reference.encode_prompt("What is 2 + 2?", chat=True)
     assert "4" in chat.text
@@ -66,7 +66,7 @@ def test_tvm_artifact_decodes_as_the_reference(smollm2_pair, tmp_path):
     artifact = skiptree.compile(fetch("smollm2-135m", progress=False), tmp_path / "tvm", max_seq_len=256,
                                 backend="tvm", draft="prompt-lookup", tree="chain:3")  # fmt: skip
     runtime = skiptree.load(artifact)
-    assert runtime.manifest["check"]["max_abs_logit_error"] < 1e-3
+    assert runtime.manifest.check.max_abs_logit_error < 1e-3
     for prompt in PROMPTS[:2]:
         expected = reference.generate(prompt, max_new_tokens=24).token_ids
         got = runtime.generate(prompt, max_new_tokens=24).token_ids

@@ -66,7 +66,7 @@ def test_compile_options_hold_specs_not_strings():
     ({"draft": "lookup", "early_exit": "min-agreement=0.9"}, "--early-exit and --draft together"),
     ({"draft": "self:exit=1", "tree": "k-ary:2x2"}, "self-drafts draft chains, not the tree k-ary:2x2"),
     ({"draft": "lookup", "draft_vocab": 8}, "--draft-vocab 8 needs a draft with an output head"),
-    ({"draft_quantize": "int4"}, "--draft-quantize int4:block=32,accuracy=4 needs a draft with weights"),
+    ({"draft_quantize": "int4"}, "--draft-quantize int4 needs a draft with weights"),
     ({"draft": "corpus:/no/such/docs"}, "no file or folder /no/such/docs"),
     ({"backend": "tvm", "quantize": "int8"}, "--quantize is lowered to ONNX Runtime only"),
 ])  # fmt: skip

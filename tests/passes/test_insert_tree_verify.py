@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import transformers
-from conftest import TINY_LLAMA, write_tiny_model
+from conftest import TINY_LLAMA, count_calls, ops_by_block, ops_by_layer, run_pass, write_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,3 +57,36 @@ def test_tree_logits_equal_decoding_each_path(tmp_path):
         expected = fresh.forward(path)[-1]
         torch.testing.assert_close(logits[node], expected, atol=1e-9, rtol=1e-9)
     assert outputs[0].tolist() == logits.argmax(-1).tolist()
+
+
+def test_structure_adds_verify_and_compact_graphs(tmp_path):
+    """InsertTreeVerify adds "verify" (tree inputs; every layer with the step's ops, or layers E..L-1
+    with first_layer E) and "compact" (one in-place cache write per cache, no layers); "step" stays."""
+    write_tiny_model(tmp_path, transformers.LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 4}))
+    ir = trace_model(load_model(tmp_path), max_seq_len=16)
+    step_ops, step_layers = ops_by_block(ir, "step"), ops_by_layer(ir, "step")
+    caches = [f"k{i}" for i in range(4)] + [f"v{i}" for i in range(4)]
+    write = torch.ops.aten.index_put_.default
+
+    assert not run_pass(InsertTreeVerify(max_tree=8, plain_decoding=True), ir).modified  # unfused: no graph
+    assert set(ir.graphs) == {"step"}
+    ir = run_pass(InsertTreeVerify(max_tree=8), ir).ir
+
+    assert set(ir.graphs) == {"step", "verify", "compact"} and ops_by_block(ir, "step") == step_ops
+    verify, compact = ir.graphs["verify"], ir.graphs["compact"]
+    assert [s.name for s in verify.inputs] == ["tokens", "parents", "prefix_len", *caches]
+    assert [s.name for s in verify.outputs][:3] == ["next_ids", "logits", "features"]
+    assert ops_by_layer(ir, "verify") == step_layers
+    assert count_calls(ir, "verify", torch.ops.aten.linear.default) == 4 * 7 + 1
+    assert count_calls(ir, "verify", write) == 8
+    assert [s.name for s in compact.inputs] == ["from_slots", "to_slots", *caches]
+    assert ops_by_layer(ir, "compact") == {} and count_calls(ir, "compact", write) == 8
+
+    ir = run_pass(InsertTreeVerify(max_tree=8, first_layer=2), ir).ir  # after a self:exit=2 draft
+
+    tail = ["k2", "k3", "v2", "v3"]
+    assert [s.name for s in ir.graphs["verify"].inputs] == ["hidden", "parents", "prefix_len", *tail]
+    # the first layer a graph runs also owns one symbolic-size product that the later layers reuse
+    assert ops_by_layer(ir, "verify") == {2: step_layers[0], 3: step_layers[3]}
+    assert "embed" not in ops_by_block(ir, "verify") and count_calls(ir, "verify", write) == 4
+    assert [s.name for s in ir.graphs["compact"].inputs][2:] == caches  # compaction moves every layer

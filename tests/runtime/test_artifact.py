@@ -17,6 +17,7 @@ from skiptree.errors import IntegrityError, ModelSourceError
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
 from skiptree.runtime.generation import generate_tokens
+from skiptree.runtime.manifest import DecodeMode, GraphName, PassEntry
 from skiptree.runtime.sampling import SamplingConfig
 
 
@@ -66,17 +67,16 @@ def test_cache_is_updated_in_place(pair):
 def test_manifest_records_what_was_built(tiny_artifact):
     _, artifact = tiny_artifact
     manifest = skiptree.load(artifact).manifest
-    assert manifest["format_version"] == 1 and manifest["max_seq_len"] == 48
-    assert manifest["backend"]["name"] == "onnxruntime"
+    assert manifest.format_version == 2 and manifest.max_seq_len == 48
+    assert manifest.backend.name == "onnxruntime" and manifest.decode_mode == DecodeMode.PLAIN
     verify = {"max_tree": 64, "first_layer": 0, "fused_attention": True, "plain_decoding": True}
-    assert manifest["pipeline"] == [  # a model that cannot fuse (head size 8) keeps its step graph
-        {"name": "InsertTreeVerify", "options": verify, "modified": False},
-        {"name": "EliminateDeadCode", "options": {}, "modified": False}]
-    assert manifest["check"]["argmax_agreement"] == 1.0 and manifest["check"]["max_abs_logit_error"] < 1e-4
-    assert set(manifest["files"]) == {"step.onnx", "step.onnx.data", "tokenizer/tokenizer.json",
-                                      "tokenizer/generation_config.json"}
-    assert len(manifest["model"]["weights_sha256"]) == 64 and len(manifest["device"]["fingerprint"]) == 16
-    assert manifest["graphs"]["step"]["signature"]["inputs"][2] == {
+    assert manifest.pipeline == (  # a model that cannot fuse (head size 8) keeps its step graph
+        PassEntry("InsertTreeVerify", verify, False), PassEntry("EliminateDeadCode", {}, False))
+    assert manifest.check.argmax_agreement == 1.0 and manifest.check.max_abs_logit_error < 1e-4
+    assert set(manifest.files) == {"step.onnx", "step.onnx.data", "tokenizer/tokenizer.json",
+                                   "tokenizer/generation_config.json"}
+    assert len(manifest.model.weights_sha256) == 64 and len(manifest.device.fingerprint) == 16
+    assert manifest.graphs[GraphName.STEP].signature["inputs"][2] == {
         "name": "attn_bias", "dtype": "float32", "shape": [1, 1, "T", 48]}
 
 
@@ -130,9 +130,9 @@ def test_context_overflow_is_refused(pair):
 def test_wrong_format_version_and_truncated_onnx_are_refused(artifact_copy):
     manifest_path = artifact_copy / "manifest.json"
     manifest = manifest_path.read_text()
-    manifest_path.write_text(manifest.replace('"format_version": 1', '"format_version": 99'))
+    manifest_path.write_text(manifest.replace('"format_version": 2', '"format_version": 99'))
     with pytest.raises(ModelSourceError, match=re.escape(
-        f"artifact {artifact_copy} has format version 99, this skiptree reads 1; recompile it with "
+        f"artifact {artifact_copy} has format version 99, this skiptree reads 2; recompile it with "
         "skiptree compile from this version."
     )):  # fmt: skip
         skiptree.load(artifact_copy)
@@ -152,5 +152,5 @@ def test_recompiling_replaces_an_older_artifact(tiny_artifact, tmp_path):
     out = tmp_path / "art"
     skiptree.compile(folder, out, max_seq_len=16, check=False)
     skiptree.compile(folder, out, max_seq_len=24, check=False)
-    assert skiptree.load(out).manifest["max_seq_len"] == 24
+    assert skiptree.load(out).manifest.max_seq_len == 24
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary folders left behind

@@ -125,15 +125,15 @@ def test_sources_report_what_they_contributed(corpus_setup):
 
 def test_the_datastore_round_trips_through_the_artifact(corpus_setup):
     corpus, combined, _, docs = corpus_setup
-    entry = corpus.manifest["speculative"]["corpus"]
-    assert (entry["documents"], entry["skipped_files"]) == (2, 1)  # .hidden.txt not read, blob.bin skipped
-    assert entry["file"] in corpus.manifest["files"] and entry["bytes"] == 8 * entry["tokens"]
+    entry = corpus.manifest.speculative.corpus
+    assert (entry.documents, entry.skipped_files) == (2, 1)  # .hidden.txt not read, blob.bin skipped
+    assert entry.file in corpus.manifest.files and entry.bytes == 8 * entry.tokens
     texts = [(docs / "a.txt").read_text(), (docs / "sub" / "b.txt").read_text()]
     built = CorpusIndex.build([[int(word[1:]) for word in text.split()] for text in texts])
     index = skiptree.load(corpus.folder).speculative.drafter.by_name["corpus"].index
     np.testing.assert_array_equal(index.tokens, built.tokens)
     np.testing.assert_array_equal(index.suffixes, built.suffixes)
-    assert combined.manifest["speculative"]["sources"] == ["prompt-lookup", "recycle", "corpus"]
+    assert combined.manifest.speculative.sources == ("prompt-lookup", "recycle", "corpus")
 
 
 @pytest.mark.parametrize(("draft", "message"), [
@@ -162,9 +162,9 @@ def test_a_corpus_over_the_limit_is_refused(tiny_artifact, tmp_path, monkeypatch
 
 def test_the_gate_decodes_plainly_when_nothing_pays(corpus_setup):
     corpus, _, plain, _ = corpus_setup
-    cost = corpus.manifest["speculative"]["verify_cost"]  # measured at compile time
-    assert cost["nodes"][0] == 1 and len(cost["ratio"]) == len(cost["nodes"]) and cost["plain_ms"] > 0
-    assert cost["ratio"] == sorted(cost["ratio"])
+    cost = corpus.manifest.speculative.verify_cost  # measured at compile time
+    assert cost.nodes[0] == 1 and len(cost.ratio) == len(cost.nodes) and cost.plain_ms > 0
+    assert list(cost.ratio) == sorted(cost.ratio)
     drafter = corpus.speculative.drafter
     measured, drafter.cost = drafter.cost, VerifyCost((1,), (100.0,))  # verifying anything: 100x a step
     try:

@@ -82,8 +82,8 @@ def test_a_pair_row_is_preferred_to_the_token_row_and_the_cache_stays_bounded():
 def test_prefill_records_every_prompt_token_and_its_pair(recycling):
     speculative, _ = recycling
     prompt = [11, 12, 13, 14, 15, 16]
-    decoder = speculative.speculative.with_tree(parse_tree("chain:1"), RecyclingDrafter(speculative.manifest[
-        "model"]["config"]["vocab_size"]))  # fmt: skip
+    decoder = speculative.speculative.with_tree(parse_tree("chain:1"), RecyclingDrafter(
+        speculative.manifest.model.config["vocab_size"]))  # fmt: skip
     decoder.generate(prompt, max_new_tokens=1)
     step = speculative.step_model
     step.cache.length = 0
@@ -110,7 +110,7 @@ def test_recycled_candidates_get_accepted(recycling):
     result = speculative.generate(prompt, max_new_tokens=32, eos_token_id=[]).result
     assert result.token_ids == plain.generate(prompt, max_new_tokens=32, eos_token_id=[]).token_ids
     assert sum(step.accepted for step in result.steps) > 0
-    assert speculative.manifest["speculative"]["drafter"] == "recycle"
+    assert speculative.manifest.speculative.drafter == "recycle"
 
 
 def test_the_warm_table_round_trips_through_the_artifact(recycling, tiny_artifact):
@@ -124,10 +124,10 @@ def test_the_warm_table_round_trips_through_the_artifact(recycling, tiny_artifac
     from skiptree.runtime.tokenizer import Tokenizer
 
     speculative, _ = recycling
-    entry = speculative.manifest["speculative"]["recycle"]
-    assert entry["file"] in speculative.manifest["files"] and entry["rows_filled"] > 0
-    saved = load_file(str(speculative.folder / entry["file"]))
-    assert entry["pairs_filled"] == int((saved["pair_keys"] != EMPTY).sum()) > 0
+    entry = speculative.manifest.speculative.recycle
+    assert entry.file in speculative.manifest.files and entry.rows_filled > 0
+    saved = load_file(str(speculative.folder / entry.file))
+    assert entry.pairs_filled == int((saved["pair_keys"] != EMPTY).sum()) > 0
     folder, _ = tiny_artifact
     prompts = calibration_prompts(CompileOptions(), Tokenizer.from_folder(folder))
     again = warm_state(load_model(folder), prompts, 48)  # deterministic

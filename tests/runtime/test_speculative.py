@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import skiptree
 from skiptree.runtime.drafters import PromptLookupDrafter
+from skiptree.runtime.manifest import DecodeMode, GraphName
 from skiptree.runtime.speculative import SpeculativeDecoder
 from skiptree.runtime.tree import TreeShape, chain, k_ary
 
@@ -193,7 +194,8 @@ def test_plain_artifact_decodes_through_a_fused_verify_graph(tmp_path):
     write_word_tokenizer(tmp_path / "target")
     art = skiptree.compile(tmp_path / "target", tmp_path / "artifact", max_seq_len=64, max_tree=8)
     runtime = skiptree.load(art)
-    assert sorted(runtime.manifest["graphs"]) == ["verify"] and runtime.speculative is None
+    assert list(runtime.manifest.graphs) == [GraphName.VERIFY] and runtime.speculative is None
+    assert runtime.manifest.decode_mode == DecodeMode.PLAIN
     assert not runtime.step_model.even_rows and runtime.step_model.chunk == 8
     prompt = [3, 4, 5] * 4  # 12 tokens: prefilled in chunks of 8 and 4
     with torch.no_grad():

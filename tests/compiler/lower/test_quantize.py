@@ -15,6 +15,7 @@ from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.compiler.specs import QuantizeError, WeightQuantization, parse_quantize
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
+from skiptree.runtime.manifest import GraphName
 from skiptree.runtime.onnx_step import first_rows, pad_to_even_rows
 
 QUIET = {"log": lambda message: None}
@@ -57,13 +58,13 @@ def test_bad_quantize_options_are_refused(options, message):
 def test_manifest_records_the_quantisation_and_the_tied_head_is_quantised(quantized):
     _, artifacts = quantized
     runtime = skiptree.load(artifacts["int4"])
-    entry = runtime.manifest["graphs"]["verify"]["quantization"]
+    entry = runtime.manifest.graphs[GraphName.VERIFY].quantization
     assert (entry["bits"], entry["block_size"], entry["quantized_matmuls"]) == (4, 32, 15)  # 2 x 7 + the head
     assert runtime.precision == "int4 weights (block 32), int8 activations"
     assert "int4 weights" in runtime.description
     assert "LOSSY at near-ties" in runtime.description  # int8 activations under a branching tree say so
     assert "LOSSY" not in skiptree.load(artifacts["int4"], speculative=False).description
-    assert [p["name"] for p in runtime.manifest["pipeline"]][-1] == "QuantizeWeights"
+    assert [p.name for p in runtime.manifest.pipeline][-1] == "QuantizeWeights"
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -102,9 +103,9 @@ def test_a_draft_quantised_harder_keeps_decoding_lossless(tmp_path, draft):
     artifact = compile_model(tmp_path / "target", tmp_path / "artifact", options, **QUIET)
     speculative, plain = skiptree.load(artifact), skiptree.load(artifact, speculative=False)
     manifest = speculative.manifest
-    drafted = (manifest["graphs"]["self_draft"] if draft.startswith("self")
-               else manifest["speculative"]["draft_model"])["quantization"]  # fmt: skip
-    assert (manifest["graphs"]["verify"]["quantization"]["bits"], drafted["bits"]) == (8, 4)
+    drafted = (manifest.graphs[GraphName.SELF_DRAFT] if draft.startswith("self")
+               else manifest.speculative.draft_model).quantization  # fmt: skip
+    assert (manifest.graphs[GraphName.VERIFY].quantization["bits"], drafted["bits"]) == (8, 4)
     for prompt in ([5, 6, 7, 8] * 3, [9, 3, 9, 3, 9], [42]):
         expected = plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).token_ids
         assert speculative.generate(prompt, max_new_tokens=16, eos_token_id=[]).token_ids == expected
@@ -166,8 +167,8 @@ def test_smollm2_int4_one_token_steps_equal_tree_rows_and_chains_are_lossless(tm
     options = CompileOptions(max_seq_len=160, quantize="int4", draft="prompt-lookup", tree="chain:4")
     artifact = compile_model(fetch("smollm2-135m", progress=False), tmp_path / "int4", options, **QUIET)
     plain, speculative = skiptree.load(artifact, speculative=False), skiptree.load(artifact)
-    cost = speculative.manifest["speculative"]["verify_cost"]  # measured as the decoder pays: padded
-    assert cost["paired"] and all(n % 2 == 1 for n in cost["nodes"])
+    cost = speculative.manifest.speculative.verify_cost  # measured as the decoder pays: padded
+    assert cost.paired and all(n % 2 == 1 for n in cost.nodes)
     assert speculative.speculative.drafter.cost.paired
     step = plain.step_model
     prompt = plain.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1)")

@@ -14,6 +14,7 @@ from skiptree.compiler.compile import compile_model
 from skiptree.compiler.options import CompileOptions
 from skiptree.models.gguf_convert import convert_gguf
 from skiptree.models.gguf_grid import read_grid
+from skiptree.runtime.manifest import GraphName
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "models"))
 from test_gguf_convert import tiny_hf_model, write_gguf  # noqa: E402
@@ -60,7 +61,7 @@ def test_quantised_on_the_grid_computes_the_gguf_model(gguf_folder, tmp_path):
     options = {"grid": f"{bits}:accuracy=0", "off": f"{bits}:block=64,accuracy=0"}
     on_grid, off_grid = (compile_model(folder, tmp_path / name, CompileOptions(max_seq_len=32, quantize=q),
                                        **QUIET) for name, q in options.items())  # fmt: skip
-    entry = skiptree.load(on_grid).manifest["graphs"]["verify"]["quantization"]  # fused: q|k|v one matmul
+    entry = skiptree.load(on_grid).manifest.graphs[GraphName.VERIFY].quantization  # fused: q|k|v one matmul
     if kind == "Q8_0":  # float activations: ORT's 8-bit kernels compute in int8 only; the floats are the grid
         assert entry["gguf_grid"] == {"Q8_0 as float": MATMULS} and entry["quantized_matmuls"] == 0
     else:
@@ -76,7 +77,7 @@ def test_q8_0_runs_as_8_bit_codes_with_int8_activations(tmp_path):
     plain = logits_of(compile_model(folder, tmp_path / "float", CompileOptions(max_seq_len=32), **QUIET))
     options = CompileOptions(max_seq_len=32, quantize="int8")
     artifact = compile_model(folder, tmp_path / "int8", options, **QUIET)
-    entry = skiptree.load(artifact).manifest["graphs"]["verify"]["quantization"]
+    entry = skiptree.load(artifact).manifest.graphs[GraphName.VERIFY].quantization
     assert entry["gguf_grid"] == {"Q8_0": MATMULS} and entry["quantized_matmuls"] == MATMULS
     assert np.abs(logits_of(artifact) - plain).max() < 0.05 * np.abs(plain).max()  # int8 activations only
 
@@ -88,7 +89,7 @@ def test_packed_attention_projections_stay_on_the_grid(tmp_path):
     options = CompileOptions(max_seq_len=48, quantize="int4:accuracy=0", draft="prompt-lookup",
                              tree="chain:3")  # fmt: skip
     artifact = compile_model(folder, tmp_path / "int4", options, **QUIET)
-    entry = skiptree.load(artifact).manifest["graphs"]["verify"]["quantization"]
+    entry = skiptree.load(artifact).manifest.graphs[GraphName.VERIFY].quantization
     assert entry["gguf_grid"] == {"Q4_1": MATMULS}
     prompt = PROMPT * 3
     plain = skiptree.load(artifact, speculative=False).generate(prompt, max_new_tokens=16, eos_token_id=[])

@@ -14,6 +14,7 @@ from skiptree.compiler.options import CompileOptionError, CompileOptions
 from skiptree.models.loader import load_model
 from skiptree.models.reference import ReferenceStepper
 from skiptree.runtime.generation import generate_tokens
+from skiptree.runtime.manifest import GraphName
 
 QUIET = {"log": lambda message: None}
 
@@ -45,7 +46,7 @@ def test_tvm_speculative_accepts_drafts_losslessly(tvm_artifacts):
     prompt = [5, 6, 7, 8] * 4  # prompt lookup drafts from the repeats
     result = tree.generate(prompt, max_new_tokens=30, eos_token_id=[]).result
     assert result.token_ids == generate_tokens(reference, prompt, 30).token_ids
-    assert tree.manifest["graphs"]["verify"]["static_tokens"] == [1, 7]  # a decode step; root + 6 nodes
+    assert tree.manifest.graphs[GraphName.VERIFY].static_tokens == (1, 7)  # a decode step; root + 6 nodes
     assert sum(step.accepted for step in result.steps) > 0
 
 
@@ -68,7 +69,7 @@ def test_tvm_logits_match_reference(tvm_artifacts):
     expected = [reference.prefill([3, 1, 4, 1, 5])] + [reference.decode(t) for t in (9, 2, 6)]
     got = [steps.prefill([3, 1, 4, 1, 5])] + [steps.decode(t) for t in (9, 2, 6)]
     np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-4)
-    assert plain.manifest["backend"]["name"] == "tvm"
+    assert plain.manifest.backend.name == "tvm"
     assert plain.description.startswith("tvm ")
 
 
@@ -82,7 +83,7 @@ def test_tuned_schedules_keep_outputs_and_resume(tiny_artifact, tvm_artifacts, t
     lines: list[str] = []
     tuned = skiptree.load(compile_model(folder, tmp_path / "tuned", options, log=lines.append))
     assert recorded_trials(database) >= 1
-    assert tuned.manifest["backend"]["tuning"]["step"]["trials"] == recorded_trials(database)
+    assert tuned.manifest.backend.tuning["step"]["trials"] == recorded_trials(database)
     prompt = [4, 8, 15, 16, 23, 42]
     untuned_logits = plain.step_model.prefill(prompt)
     np.testing.assert_allclose(tuned.step_model.prefill(prompt), untuned_logits, atol=1e-5)

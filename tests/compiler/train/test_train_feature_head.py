@@ -115,9 +115,9 @@ def test_trained_head_is_accepted_and_reported(feature_artifact, tiny):
     speculative, _ = feature_artifact
     accepted = [speculative.speculative.generate(prompt, 30).mean_accepted for prompt in random_prompts(9, 8)]
     assert np.mean(accepted) > 1.3  # measured 1.57 tokens per step (an untrained head: ~1.0)
-    manifest = speculative.manifest["speculative"]
-    assert manifest["drafter"] == "feature-head" and manifest["draft_vocab"]["size"] == 40
-    assert manifest["feature_head"]["training"]["step"] == 300
+    manifest = speculative.manifest.speculative
+    assert manifest.drafter == "feature-head" and manifest.draft_vocab.size == 40
+    assert manifest.feature_head.training["step"] == 300
 
 
 def test_sampled_tokens_keep_the_target_distribution(feature_artifact):

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.tune.choose import choose_tree
 from skiptree.compiler.tune.driver import this_device, tune, tuned_options
-from skiptree.compiler.tune.measure import choose_tree
 from skiptree.compiler.tune.session import MEASUREMENTS, SessionError, TuneSession, read_choice
 
 
@@ -118,7 +118,7 @@ def test_resume_after_sigkill(tiny_artifact, tmp_path):
 
 
 def test_draft_model_levels_are_priced_by_width():
-    from skiptree.compiler.tune.measure import draft_ms
+    from skiptree.compiler.tune.choose import draft_ms
 
     level_ms = {1: 2.0, 2: 2.5, 4: 3.0, 8: 4.0}
     # k-ary 2x2: the draft model runs the root (width 1), then the 2 depth-1 nodes (width 2)
@@ -128,7 +128,7 @@ def test_draft_model_levels_are_priced_by_width():
 
 
 def test_noisy_costs_cannot_make_a_big_tree_look_cheap():
-    from skiptree.compiler.tune.measure import monotone
+    from skiptree.compiler.tune.choose import monotone
 
     noisy = {1: 746.5, 2: 1015.9, 4: 980.8, 8: 1256.3, 16: 809.2, 32: 1519.9}  # measured under load
     assert monotone(noisy) == {1: 746.5, 2: 1015.9, 4: 1015.9, 8: 1256.3, 16: 1256.3, 32: 1519.9}
@@ -140,7 +140,7 @@ def test_noisy_costs_cannot_make_a_big_tree_look_cheap():
 
 
 def test_draft_levels_cost_at_most_a_wider_level():
-    from skiptree.compiler.tune.measure import padded_level_ms
+    from skiptree.compiler.tune.choose import padded_level_ms
 
     padded = padded_level_ms({1: 279.0, 2: 180.0, 4: 215.0, 8: 455.0})
     assert padded == {1: 180.0, 2: 180.0, 4: 215.0, 8: 455.0}
@@ -169,3 +169,42 @@ def test_tvm_session_tunes_schedules_measures_tvm_and_compiles_for_tvm(tiny_arti
     if choice["mode"] != "plain":
         artifact = compile_model(folder, tmp_path / "tuned", options, log=messages.append)
         assert json.loads((artifact / "manifest.json").read_text())["backend"]["name"] == "tvm"
+
+
+def test_a_tuned_tree_records_its_provenance_in_the_manifest(tiny_artifact, tmp_path):
+    """compile --tuned: the artifact's tree says which session chose it, on which machine, from which
+    measured acceptance and T(n) (a tree given by hand has none: tests/runtime/test_manifest.py)."""
+    import skiptree
+    from skiptree.compiler.compile import compile_model
+    from skiptree.runtime.manifest import DeviceEntry, TreeProvenance
+
+    folder, _ = tiny_artifact
+    device, fingerprint = this_device()
+    session_dir = tmp_path / "session"
+    TuneSession.open(session_dir, fingerprint).write_choice({  # as the draft-tree strategy writes it
+        "target": str(folder), "device": device, "max_seq_len": 48, "draft": "prompt-lookup",
+        "mode": "speculative", "parents": [-1, 0, 0], "decode_ms": 1.5, "verify_ms": {1: 1.7, 2: 1.9},
+        "acceptance": {"acceptance": [0.6, 0.2], "hit_rate": 0.9, "draft_ms_per_node": 0.0},
+        "predicted_speedup": 1.3, "measured_speedup": 1.2})  # fmt: skip
+    options = tuned_options(session_dir, CompileOptions(check=False))
+    provenance = TreeProvenance(
+        session=str(session_dir), device=DeviceEntry.from_json({**device, "fingerprint": fingerprint}),
+        forced=False, acceptance=(0.6, 0.2), decode_ms=1.5, verify_ms={"1": 1.7, "2": 1.9},
+        predicted_speedup=1.3, measured_speedup=1.2)  # fmt: skip
+    assert options.tree_provenance == provenance
+    runtime = skiptree.load(compile_model(folder, tmp_path / "tuned", options, log=lambda message: None))
+    tree = runtime.manifest.speculative.tree
+    assert (tree.parents, tree.spec) == ((-1, 0, 0), str(session_dir / "tree.json"))
+    assert tree.provenance == provenance
+    written = json.loads((tmp_path / "tuned" / "manifest.json").read_text())["speculative"]["tree"]
+    assert written["provenance"]["device"]["fingerprint"] == fingerprint
+    assert written["provenance"]["verify_ms"] == {"1": 1.7, "2": 1.9}
+
+    chain = tmp_path / "self-draft"  # a chain chosen by the self-draft search, used with --force
+    TuneSession.open(chain, "another-machine").write_choice({
+        "target": str(folder), "device": device, "max_seq_len": 48, "draft": "self:skip=1",
+        "mode": "speculative", "parents": [-1, 0], "decode_ms": 1.5, "verify_ms": {"1": 1.7},
+        "candidates": [{"draft": "self:skip=1", "acceptance": 0.55}], "predicted_speedup": 1.1,
+        "measured_speedup": 1.05})  # fmt: skip
+    chosen = tuned_options(chain, CompileOptions(check=False), force=True).tree_provenance
+    assert (chosen.acceptance, chosen.forced, chosen.device.fingerprint) == ((0.55,), True, "another-machine")
