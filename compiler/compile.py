@@ -77,19 +77,35 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+LoweredFiles = tuple[dict[str, dict[str, Any]], dict[str, Any]]  # graph name -> files; backend entry
+
+
+def lower_onnxruntime(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[[str], None]
+                      ) -> LoweredFiles:  # fmt: skip
+    phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
+    backend = {"name": "onnxruntime", "version": onnxruntime.__version__,
+               "optimization_level": options.optimization_level, "threads": options.threads}  # fmt: skip
+    return lower_to_onnx(ir, building), backend
+
+
+def lower_tvm(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[[str], None]
+              ) -> LoweredFiles:  # fmt: skip
+    from skiptree.compiler.lower.to_tvm import tvm_lowering  # imports tvm: only for TVM artifacts
+
+    phase("lowering to TVM (torch.export -> Relax -> tvm.compile; about a minute for a 135M model)")
+    return tvm_lowering(ir, building, options, phase)
+
+
+LOWERINGS: dict[str, Callable[[ModelIR, Path, CompileOptions, Callable[[str], None]], LoweredFiles]] = {
+    "onnxruntime": lower_onnxruntime,
+    "tvm": lower_tvm,
+}  # options.BACKENDS, each with its lowering
+
+
 def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[[str], None]
           ) -> tuple[dict[GraphName, GraphEntry], BackendEntry]:  # fmt: skip
     """Lower the IR's graphs for the chosen backend; returns the manifest's graphs and backend entries."""
-    if options.backend == "tvm":
-        from skiptree.compiler.lower.to_tvm import tvm_lowering  # imports tvm: only for TVM artifacts
-
-        phase("lowering to TVM (torch.export -> Relax -> tvm.compile; about a minute for a 135M model)")
-        files, backend = tvm_lowering(ir, building, options, phase)
-    else:
-        phase("lowering to ONNX (torch.onnx dynamo export; about a minute for a 135M model)")
-        files = lower_to_onnx(ir, building)
-        backend = {"name": "onnxruntime", "version": onnxruntime.__version__,
-                   "optimization_level": options.optimization_level, "threads": options.threads}  # fmt: skip
+    files, backend = LOWERINGS[options.backend](ir, building, options, phase)
     max_tree = min(options.max_tree, options.max_seq_len)  # verify's prefill chunk, also without a drafter
     graphs = {GraphName(name): GraphEntry.from_json({
         **entry, "signature": ir.graphs[name].signature_json(),

@@ -45,3 +45,11 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     roles = (("target", options.quantize), ("draft", options.draft_quantize))
     precision: list[Pass] = [QuantizeWeights.of(spec, role) for role, spec in roles if spec]
     return [*structure, *verification, *cleanup, *precision]
+
+
+def build_draft_model_pipeline(draft_vocab: tuple[int, ...] = ()) -> list[Pass]:
+    """The passes a separate draft model's step graph runs (its weights are quantised whole at
+    lowering, compiler/drafters/build.py): its head shrunk to the target's frequent tokens (the same
+    tokenizer, so the same ids), then cleanup."""
+    structure: list[Pass] = [ShrinkDraftVocab(draft_vocab, GraphName.STEP)] if draft_vocab else []
+    return [*structure, EliminateDeadCode()]

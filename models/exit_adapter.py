@@ -1,7 +1,8 @@
 """The exit adapter (Kangaroo): a small trained block between a prefix exit and the output head.
 
 A prefix exit after E layers shares the target's K/V (SkipLayers) but its hidden state is far from
-the last layer's (SmolLM2: 3-12% top-1 agreement untrained). The adapter maps it closer:
+the last layer's (its top-1 agreement with the full model is low untrained: the session report of
+`skiptree tune --train-draft exit-adapter` records it). The adapter maps it closer:
     adapter(h) = h + down(silu(gate(n)) * up(n)),  n = RMSNorm(h)
 `down` starts at zero, so an untrained adapter is exactly the plain exit. Weights are stored as
 safetensors with their training record (data, steps, seed, metrics) in the metadata; no pickle.

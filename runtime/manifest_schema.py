@@ -228,6 +228,7 @@ class DraftModelEntry(Entry):
     file: str
     quantization: dict[str, Any] | None
     signature: dict[str, Any]
+    pipeline: tuple[PassEntry, ...] = ()  # the passes its step graph went through, as the target's
 
 
 @dataclass(frozen=True)

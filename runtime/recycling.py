@@ -41,12 +41,13 @@ STATE_ARRAYS = ("table", "pair_keys", "pair_rows")  # what a warm start saves
 def top_candidates(logits: np.ndarray, width: int) -> np.ndarray:
     """[rows, width] token ids of each row's `width` largest logits, best first.
 
-    Why not one argpartition over the vocabulary: it costs ~0.15 ms a row at V = 49152 (over a
-    millisecond for an 8-node tree: 6-7% of a SmolLM2 step). Instead the row is cut into `LANES`
-    strided slices of V / LANES columns; an element-wise max over them (vectorised) gives each
-    column's best, and the `width` best columns hold the `width` largest logits (each of those
-    lies in a column whose best is at least as large, and fewer than `width` columns can beat
-    it); the selection then runs on width x LANES values. ~5x faster on 8 rows (measured)."""
+    Why not one argpartition over the vocabulary: at SmolLM2's V = 49152 it costs a noticeable
+    share of a step for an 8-node tree (bench/results/README.md, free drafters). Instead the row is
+    cut into `LANES` strided slices of V / LANES columns; an element-wise max over them
+    (vectorised) gives each column's best, and the `width` best columns hold the `width` largest
+    logits (each of those lies in a column whose best is at least as large, and fewer than `width`
+    columns can beat it); the selection then runs on width x LANES values, several times faster
+    on a tree's rows."""
     rows, vocab = logits.shape
     width = min(width, vocab)
     columns = vocab // LANES

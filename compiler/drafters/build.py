@@ -1,6 +1,8 @@
 """The drafter part of a speculative artifact: prompt lookup (nothing to build), a self-draft or a
 trained feature head (graphs made by passes), or a draft model compiled next to the target
-("draft_step.onnx"), which must share the target's tokenizer."""
+("draft_step.onnx"), which must share the target's tokenizer. A draft model's step graph goes
+through the pass manager like the target's (build_draft_model_pipeline), so --verify, --dump-ir
+(its own subfolder) and the pass record in the manifest cover it."""
 
 from __future__ import annotations
 
@@ -10,22 +12,24 @@ from pathlib import Path
 
 import torch
 
+from skiptree.compiler.ir.pass_manager import PassManager
 from skiptree.compiler.ir.trace import trace_model
 from skiptree.compiler.lower.quantize import quantize_onnx_file
 from skiptree.compiler.lower.to_onnx import export_onnx
 from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.pipeline import build_draft_model_pipeline
 from skiptree.compiler.specs import CompileOptionError, FeatureHeadDraft, FreeDraft, SelfDraftSpec
 from skiptree.models.config import ModelConfig
 from skiptree.models.exit_adapter import load_trained
 from skiptree.models.feature_head import KIND
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
-from skiptree.passes.shrink_draft_vocab import ShrinkDraftVocab
 from skiptree.runtime.manifest import (
     DrafterEntry,
     DraftModelEntry,
     FeatureHeadEntry,
     GraphName,
+    PassEntry,
     SelfDraftEntry,
     TreeEntry,
 )
@@ -67,10 +71,11 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
             f"draft model context {model.config.max_position_embeddings} < max_seq_len {options.max_seq_len}",
             "lower --max-seq-len",
         )
-    log(f"         draft model {draft.source}: tracing and lowering its step graph")
+    pipeline = build_draft_model_pipeline(draft_vocab)
+    log(f"         draft model {draft.source}: tracing, {len(pipeline)} passes, lowering its step graph")
     ir = trace_model(model, options.max_seq_len)
-    if draft_vocab:  # the same tokenizer, so the target's frequent ids are the draft's
-        ir = ShrinkDraftVocab(draft_vocab, GraphName.STEP).run(ir).ir
+    dump = None if options.dump_ir is None else Path(options.dump_ir) / "draft-model"
+    ir = PassManager(pipeline, verify=options.verify, dump_dir=dump, log=log).run(ir)
     path = export_onnx(ir.graphs[GraphName.STEP], building / "draft_step.onnx")
     quantization = None
     if options.draft_quantize:  # a draft model's graph is all draft: quantise it whole
@@ -78,4 +83,5 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
     return replace(entry, drafter="draft-model", draft_model=DraftModelEntry(
         source=draft.source, model_type=model.config.model_type, config=model.config.to_json(),
         file=path.name, quantization=quantization,
-        signature=ir.graphs[GraphName.STEP].signature_json()))  # fmt: skip
+        signature=ir.graphs[GraphName.STEP].signature_json(),
+        pipeline=tuple(PassEntry(r.name, r.options, r.modified) for r in ir.passes_run)))  # fmt: skip

@@ -73,3 +73,10 @@ def test_compile_options_hold_specs_not_strings():
 def test_contradictions_are_refused_when_the_options_are_built(options, message):
     with pytest.raises(CompileOptionError, match=message):
         CompileOptions(**options)
+
+
+def test_every_backend_option_has_a_lowering():
+    from skiptree.compiler.compile import LOWERINGS
+    from skiptree.compiler.options import BACKENDS
+
+    assert tuple(LOWERINGS) == BACKENDS

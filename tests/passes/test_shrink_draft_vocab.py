@@ -67,6 +67,8 @@ def test_drafts_propose_only_kept_tokens(shrunk):
     for runtime in (self_draft, pair):
         entry = runtime.manifest.speculative.draft_vocab
         assert entry.size == VOCAB and 0 < entry.calibration_coverage <= 1
+    draft_passes = [(p.name, p.modified) for p in pair.manifest.speculative.draft_model.pipeline]
+    assert draft_passes[0] == ("ShrinkDraftVocab", True)  # the draft model's graph, through the manager
     drafted = set()
     decoder = self_draft.speculative.with_tree(chain(4))
     for seed in range(6):

@@ -116,6 +116,12 @@ def test_sampled_speculative_decoding_is_seeded(pair_artifact):
     assert one != speculative.generate([2, 3], seed=2, **kwargs).token_ids
 
 
+def test_a_draft_model_is_built_through_the_pass_manager(pair_artifact):
+    speculative, _ = pair_artifact
+    passes = speculative.manifest.speculative.draft_model.pipeline
+    assert [entry.name for entry in passes] == ["EliminateDeadCode"]  # no --draft-vocab: no shrink
+
+
 def test_draft_model_drafts_a_new_prompt_from_its_own_prefix(pair_artifact):
     """After one sequence, the draft model's cache holds that sequence: a new prompt must not reuse it."""
     speculative, _ = pair_artifact
