@@ -38,6 +38,7 @@ from skiptree.compiler.tune.measure import CALIBRATION_PROMPTS
 from skiptree.compiler.tune.self_draft import tune_self_draft
 from skiptree.compiler.tune.session import TuneSession, read_choice
 from skiptree.compiler.tune.trained import tune_exit_adapter, tune_feature_head
+from skiptree.runtime.manifest import TreeProvenance
 
 
 def tune(target: str, session_dir: Path, draft: str = "prompt-lookup", prompts: Sequence[str] | None = None,
@@ -97,8 +98,6 @@ def tuned_options(session_dir: Path, options: CompileOptions, model_sha256: str 
         chosen["draft_vocab"] = choice["draft_vocab"]
     tree_file = Path(session_dir) / "tree.json"
     tree_file.write_text(json.dumps({"parents": choice["parents"]}) + "\n")
-    from skiptree.runtime.manifest import TreeProvenance  # the tree's record in the manifest
-
     if isinstance(choice.get("acceptance"), dict):  # a tree: acceptance of each rank's draft
         acceptance = choice["acceptance"]["acceptance"]
     else:  # a chain: its draft's held-out (trained exit adapter) or searched (self-draft) acceptance
