@@ -198,9 +198,9 @@ def step_model_of(backend, graphs: Mapping[str, GraphEntry], mode: DecodeMode, n
         return SplitStepModel(backend.graph(GraphName.SELF_DRAFT, cache),
                               backend.graph(GraphName.VERIFY, cache), max_tree)  # fmt: skip
     activations = (verify.quantization or {}).get("accuracy_level", 0)
-    even_rows = mode == DecodeMode.SPECULATIVE and activations == 4  # int8, speculating: pad_to_even_rows
+    pads = mode == DecodeMode.SPECULATIVE and activations == 4  # int8, speculating: pad_lone_rows
     graph = backend.graph(GraphName.VERIFY, backend.cache(verify.signature))
-    return VerifyStepModel(graph, max_tree, even_rows)
+    return VerifyStepModel(graph, max_tree, pads)
 
 
 def artifact_step_model(backend, manifest: Manifest):

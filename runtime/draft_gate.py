@@ -38,8 +38,8 @@ from skiptree.runtime.drafters import Draft, Proposal
 @dataclass(frozen=True)
 class VerifyCost:
     """T(n) / T(0) by draft nodes n, measured; interpolated between, extended linearly past the end.
-    `paired`: calls run an even number of rows (root + n nodes, padded: `pad_to_even_rows`), so an
-    even n costs what n + 1 costs and T(0) is a two-row call: the node that fills the pad is free."""
+    `paired`: a one-row call is padded to two rows (int8 activations: `pad_lone_rows`), so T(0),
+    the plain step, is a two-row call and one draft node rides in its pad slot for free."""
 
     nodes: tuple[int, ...]
     ratio: tuple[float, ...]
@@ -52,10 +52,8 @@ class VerifyCost:
         return cls(tuple(entry["nodes"]), tuple(entry["ratio"]), bool(entry.get("paired", False)))
 
     def __call__(self, nodes: int) -> float:
-        if self.paired:  # the call the decoder makes: root + an odd node count
-            nodes += 1 - nodes % 2
-            if nodes == 1:
-                return 1.0  # the same two-row call as a plain step
+        if self.paired and nodes == 1:
+            return 1.0  # root + one node: the same two-row call as a plain step
         xs, ys = (0, *self.nodes), (1.0, *self.ratio)
         if nodes <= xs[-1]:
             return float(np.interp(nodes, xs, ys))

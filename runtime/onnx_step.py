@@ -46,21 +46,25 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
 BATCHED = ("logits", "features")  # verify outputs with a batch dim, dropped by VerifyStepModel
 
 
-def pad_to_even_rows(inputs: dict[str, np.ndarray], room: int) -> None:
-    """When the tree's node count is odd and `room` (the most rows the call may have: free
-    cache slots, the graph's largest tree) allows one more, a throw-away node (a copy of the root,
-    its child) is appended to the verify inputs in place. Why: ORT's int8-activation MatMulNBits
-    computes rows in pairs and a lone row with another kernel, which rounds differently (up to 3.7
-    logits apart on SmolLM2 int4, measured); a row of a pair is bit for bit the same whatever the
-    call's size, its partner or its place (measured). With every call even, a chain verifies
-    exactly what plain decoding computes. (A branching tree still can differ: a node whose
-    ancestors are not in consecutive slots sums attention in another order, and int8 rounding
-    amplifies that.) The extra node's K/V lands past the tree, where nothing reads it before the
-    next step overwrites it; its outputs are cut by `first_rows`."""
+MLAS_ROW_RANGE = 128  # MLAS splits a threaded MatMulNBits call into ranges of this many rows
+
+
+def pad_lone_rows(inputs: dict[str, np.ndarray], room: int) -> None:
+    """When a call would hand ORT's MatMulNBits a lone row (one row, or 128k + 1 rows, whose last
+    128-row range is one row when threads split it) and `room` (the most rows the call may have:
+    free cache slots, the graph's largest tree) allows one more, a throw-away node (a copy of the
+    root, its child) is appended to the verify inputs in place. Why: MLAS sends a one-row range
+    to a GEMV kernel that rounds differently from its multi-row kernel, while every row of a call
+    of 2 or more rows is bit for bit the same whatever the call's size or the row's place
+    (bench/results/matmulnbits_rows.md). With no lone row, a chain verifies exactly what plain
+    decoding computes. (A branching tree still can differ: a node whose ancestors are not in
+    consecutive slots sums attention in another order, and int8 rounding amplifies that.) The
+    extra node's K/V lands past the tree, where nothing reads it before the next step overwrites
+    it; its outputs are cut by `first_rows`."""
     if "tokens" not in inputs:  # a prefix exit's hidden states: not padded (float drafts only)
         return
     rows = inputs["tokens"].shape[1]
-    if rows % 2 == 1 and room >= rows + 1:
+    if rows % MLAS_ROW_RANGE == 1 and room >= rows + 1:
         inputs["tokens"] = np.concatenate([inputs["tokens"], inputs["tokens"][:, :1]], axis=1)
         inputs["parents"] = np.append(inputs["parents"], 0)
 
@@ -194,11 +198,12 @@ class VerifyStepModel(CachedSteps):
     chain tree is a causal step. One graph then holds the weights once (two graphs would load two
     copies). Prefill goes in chunks of at most `max_tree` tokens, the verify graph's largest tree."""
 
-    def __init__(self, graph: OnnxGraph, max_tree: int, even_rows: bool = False):
-        self.graph, self.cache, self.even_rows = graph, graph.cache, even_rows
+    def __init__(self, graph: OnnxGraph, max_tree: int, pads_lone_rows: bool = False):
+        self.graph, self.cache, self.pads_lone_rows = graph, graph.cache, pads_lone_rows
         # a TVM graph prefills in its largest tuned (static) size; ORT in the largest tree
         self.max_tree = min(max_tree, getattr(graph, "largest_static_tokens", None) or max_tree)
-        self.chunk = self.max_tree - self.max_tree % 2 if even_rows else self.max_tree
+        lone = pads_lone_rows and self.max_tree > 1 and self.max_tree % MLAS_ROW_RANGE == 1
+        self.chunk = self.max_tree - 1 if lone else self.max_tree  # a full chunk never needs a pad
         self.max_seq_len = self.cache.max_seq_len
 
     def forward(self, token_ids: list[int], outputs: tuple[str, ...] = ("logits", "next_ids")) -> list:
@@ -211,8 +216,8 @@ class VerifyStepModel(CachedSteps):
             inputs = {"tokens": np.asarray([chunk], dtype=np.int64),
                       "parents": np.maximum(np.arange(len(chunk), dtype=np.int64) - 1, 0),
                       "prefix_len": np.asarray([self.cache.length], dtype=np.int64)}  # fmt: skip
-            if self.even_rows:
-                pad_to_even_rows(inputs, self.max_seq_len - self.cache.length)  # chunks are even
+            if self.pads_lone_rows:  # only a last chunk of one row is padded
+                pad_lone_rows(inputs, min(self.max_seq_len - self.cache.length, self.max_tree))
             values = self.graph.run(inputs, outputs)
             named = zip(outputs, values, strict=True)
             kept = [(name, first_rows(name, value, len(chunk))) for name, value in named]

@@ -21,7 +21,7 @@ import numpy as np
 
 from skiptree.runtime.drafters import Drafter
 from skiptree.runtime.generation import GenerationResult, check_context
-from skiptree.runtime.onnx_step import OnnxGraph, OnnxStepModel, first_rows, pad_to_even_rows
+from skiptree.runtime.onnx_step import OnnxGraph, OnnxStepModel, first_rows, pad_lone_rows
 from skiptree.runtime.sampling import SamplingConfig, choose_token, sampling_probabilities
 from skiptree.runtime.tree import TreeShape
 from skiptree.runtime.verify import accept_greedy, accept_sampling, children_of
@@ -86,8 +86,8 @@ class SpeculativeDecoder:
             del inputs["tokens"]
             inputs["hidden"] = hidden[None, : len(tokens) + 1]
         rows = len(tokens) + 1
-        if getattr(self.step, "even_rows", False):  # int8 activations: see pad_to_even_rows
-            pad_to_even_rows(inputs, min(self.max_seq_len - cache.length, self.step.max_tree))
+        if getattr(self.step, "pads_lone_rows", False):  # int8 activations: see pad_lone_rows
+            pad_lone_rows(inputs, min(self.max_seq_len - cache.length, self.step.max_tree))
         outputs = ("next_ids",) if greedy else ("logits",)
         if greedy and self.wants_logits:
             outputs += ("logits",)

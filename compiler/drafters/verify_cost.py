@@ -4,9 +4,9 @@ The lowered verify graph runs on the compiling machine (the artifact's own threa
 `prefix`-token context, with chains of n draft nodes (n + 1 tokens with the root), sizes
 interleaved, median of `repeats`, fitted nondecreasing. Stored as T(n) / T(0) in the manifest
 (`speculative.verify_cost`); T(0) is the plain step (the same graph with the root alone). A few
-seconds for a 135M model, about two minutes for a 1.5B one. Where the decoder pads calls to an
-even row count (int8 activations: `pad_to_even_rows`), the calls are measured padded, as the
-decoder pays them, and the cost is marked `paired`.
+seconds for a 135M model, about two minutes for a 1.5B one. Where the decoder pads a one-row call
+to two rows (int8 activations: `pad_lone_rows`), T(0) is measured padded, as the decoder pays it,
+and the cost is marked `paired`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from skiptree.models.config import ModelConfig
 from skiptree.runtime.artifact import open_backend, step_model_of
 from skiptree.runtime.manifest import BackendEntry, DecodeMode, GraphEntry, VerifyCostEntry
-from skiptree.runtime.onnx_step import SessionConfig, pad_to_even_rows
+from skiptree.runtime.onnx_step import SessionConfig, pad_lone_rows
 
 COST_NODES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -47,8 +47,8 @@ def measure_verify_cost(folder: Path, graphs: Mapping[str, GraphEntry], backend:
     step = step_model_of(opened, graphs, DecodeMode.SPECULATIVE, config.num_layers, max_tree)
     graph, max_seq_len = step.graph, step.max_seq_len
     largest = min(max_tree, getattr(step, "max_tree", 64)) - 1
-    paired = getattr(step, "even_rows", False)
-    nodes = sorted({n | 1 if paired else n for n in COST_NODES} & set(range(1, largest + 1)))
+    paired = getattr(step, "pads_lone_rows", False)
+    nodes = sorted(set(COST_NODES) & set(range(1, largest + 1)))
     prefix = min(128, max_seq_len - (max(nodes, default=0) + 1))
     vocab = config.vocab_size
     step.prefill([(7 * i + 3) % vocab for i in range(prefix)])
@@ -59,7 +59,7 @@ def measure_verify_cost(folder: Path, graphs: Mapping[str, GraphEntry], backend:
                   "parents": np.maximum(np.arange(n + 1, dtype=np.int64) - 1, 0),
                   "prefix_len": np.asarray([prefix], dtype=np.int64)}  # fmt: skip
         if paired:
-            pad_to_even_rows(inputs, step.max_tree)
+            pad_lone_rows(inputs, step.max_tree)
         graph.run(inputs, ("next_ids",))
 
     sizes = [0, *nodes]

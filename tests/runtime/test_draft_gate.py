@@ -30,11 +30,11 @@ def test_verify_cost_interpolates_and_extends_linearly():
     assert VerifyCost.from_json({"nodes": [1], "ratio": [1.5], "prefix": 4}) == VerifyCost((1,), (1.5,))
 
 
-def test_paired_cost_charges_the_padded_call_and_gives_the_pad_slot_away():
-    cost = VerifyCost((1, 3, 5), (1.02, 1.3, 1.5), paired=True)  # measured padded: root + odd nodes
-    assert cost(0) == cost(1) == 1.0  # a plain step is already two rows
-    assert cost(2) == cost(3) == pytest.approx(1.3) and cost(4) == pytest.approx(1.5)
-    assert cost(6) == cost(7) == pytest.approx(1.7)  # past the end: 0.1 a node, rounded up to odd
+def test_paired_cost_charges_the_padded_plain_step_and_gives_its_pad_slot_away():
+    cost = VerifyCost((1, 2, 4), (1.02, 1.3, 1.5), paired=True)  # T(0) measured padded to two rows
+    assert cost(0) == cost(1) == 1.0  # a plain step is already two rows: one node rides free
+    assert cost(2) == pytest.approx(1.3) and cost(3) == pytest.approx(1.4)  # unpadded: as measured
+    assert cost(6) == pytest.approx(1.7)  # past the end: 0.1 a node
     entry = {"nodes": [1, 3], "ratio": [1.0, 1.2], "paired": True}
     assert VerifyCost.from_json(entry) == VerifyCost((1, 3), (1.0, 1.2), True)
     acceptance = RankAcceptance()

@@ -202,7 +202,7 @@ def test_plain_artifact_decodes_through_a_fused_verify_graph(tmp_path):
     runtime = skiptree.load(art)
     assert list(runtime.manifest.graphs) == [GraphName.VERIFY] and runtime.speculative is None
     assert runtime.manifest.decode_mode == DecodeMode.PLAIN
-    assert not runtime.step_model.even_rows and runtime.step_model.chunk == 8
+    assert not runtime.step_model.pads_lone_rows and runtime.step_model.chunk == 8
     prompt = [3, 4, 5] * 4  # 12 tokens: prefilled in chunks of 8 and 4
     with torch.no_grad():
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
