@@ -9,6 +9,7 @@ adds the one check that needs the model (its context length). Downstream code re
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,9 @@ class CompileOptions:
                 f"--max-seq-len {max_seq_len} is outside 2..{context} (the model's context)",
                 f"pass a value from 2 to {context}",
             )
-        return CompileOptions(**{**self.__dict__, "max_seq_len": max_seq_len})
+        resolved = copy.copy(self)  # already parsed and checked: do not rerun the checks (corpus I/O)
+        object.__setattr__(resolved, "max_seq_len", max_seq_len)
+        return resolved
 
     def _check(self) -> None:
         """Every check that needs no model: contradictions between options, files that must exist."""
