@@ -8,7 +8,8 @@ tokens/s over the prompts. Quality: (1) agreement with skiptree fp32's greedy ou
 before the first difference, and exact matches), (2) perplexity of each skiptree precision on a
 held-out passage (teacher-forced, the artifact's own logits). llama.cpp is not run:
 llama-cpp-python builds llama.cpp from source at install, which does not fit this run.
-Writes bench/results/quantized.{json,md} (a --precisions subset: quantized_<names>.{json,md}).
+Writes bench/results/quantized.{json,md} (a --precisions subset: quantized_<names>.{json,md};
+--plain-only, artifacts without a drafter, formats only: quantized_formats_<threads>t.{json,md}).
 Artifacts are kept under --work and reused; delete one to recompile it with the current skiptree.
 
     .venv/bin/pip install --no-deps onnxruntime-genai==0.18.0   # the peer (pyproject's bench extra)
@@ -19,18 +20,17 @@ Artifacts are kept under --work and reused; delete one to recompile it with the 
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import skiptree
 from skiptree.compiler.compile import compile_model
 from skiptree.compiler.options import CompileOptions
+from skiptree.compiler.quality import PASSAGE, perplexity
 from skiptree.models.zoo import fetch
 from skiptree.runtime.device import cpu_model
 from skiptree.runtime.tree import parse_tree
@@ -41,34 +41,34 @@ from decode_speed import PROMPTS, SkiptreeEngine, decode_arguments, first_differ
 
 PRECISIONS = {  # name -> --quantize. The default model is a Q4_1 GGUF (Q8_0 embedding = tied head):
     "fp32": None,  # its dequantised weights
-    "int4-grid": "int4",  # block 32: the GGUF's own grid, int8 activations (MatMulNBits accuracy 4)
-    "int4-grid-f32act": "int4:accuracy=0",  # the same grid, float32 activations: the GGUF model itself
-    "int4-requant-b128": "int4:block=128",  # off the grid: the dequantised weights re-quantised
+    "int4-grid": "int4:grid=yes",  # block 32: the GGUF's own grid on the symmetric kernel, int8 activations
+    "int4-grid-zp": "int4:grid=yes,sym=no",  # the same grid with zero points (MLAS's asymmetric kernel)
+    "int4-grid-f32act": "int4:grid=yes,accuracy=0",  # the same grid, float32 activations: the GGUF model
+    "int4-requant-b32": "int4",  # the default: the dequantised weights re-quantised, symmetric
+    "int4-requant-b32-zp": "int4:sym=no",
+    "int4-requant-b128": "int4:block=128",
+    "int4-requant-b128-zp": "int4:block=128,sym=no",
     "int8-requant-b64": "int8:block=64",
 }
 SPECULATIVE = ("fp32", "int4-grid", "int4-requant-b128")  # also run with the drafter, and on a chain
 CHAIN = "chain:4"  # int8 activations are exact on chains only (README: int8 activations)
 PLAIN_ARTIFACTS = ("int4-grid", "int4-requant-b128")  # also compiled without a drafter
 PLAIN = "(plain artifact)"
-HELD_OUT = (  # written for this benchmark: not in any training set the model saw verbatim
-    "The lighthouse keeper counted the ships that passed each night and wrote their names in a "
-    "small green notebook. In winter the fog came early, and the lamp had to be cleaned twice a "
-    "day, because salt from the sea air dulled the glass. def moving_average(values, window):\n"
-    "    total = sum(values[:window])\n    averages = [total / window]\n"
-    "    for i in range(window, len(values)):\n        total += values[i] - values[i - window]\n"
-    "        averages.append(total / window)\n    return averages\n"
-)
 
 
 def build(folder: Path, work: Path, draft: str, tree: str, max_seq_len: int,
-          names: list[str]) -> dict[str, tuple[Path, float | None]]:  # fmt: skip
+          names: list[str], plain_only: bool = False) -> dict[str, tuple[Path, float | None]]:  # fmt: skip
     """One speculative artifact per precision in `names` (compiled once into `work`, per drafter and
-    tree); (folder, compile s or None when it was compiled by an earlier run)."""
+    tree; `plain_only`: one artifact without a drafter per precision instead); (folder, compile s
+    or None when it was compiled by an earlier run)."""
     built: dict[str, tuple[Path, float | None]] = {}
     speculative = work / f"{draft}-{tree}".replace(":", "_")
-    jobs = [(name, PRECISIONS[name], draft, speculative / name) for name in names]
+    if plain_only:
+        jobs = [(name, PRECISIONS[name], None, work / "plain" / name) for name in names]
+    else:
+        jobs = [(name, PRECISIONS[name], draft, speculative / name) for name in names]
     jobs += [(f"{name} {PLAIN}", PRECISIONS[name], None, work / "plain" / name)
-             for name in PLAIN_ARTIFACTS if name in names]  # fmt: skip
+             for name in PLAIN_ARTIFACTS if name in names and not plain_only]  # fmt: skip
     for name, quantize, drafter, out in jobs:
         built[name] = (out, None)
         if not (out / "manifest.json").is_file():
@@ -97,15 +97,11 @@ class FreshDraftEngine:
         return out.token_ids, out.tokens_per_second
 
 
-def perplexity(runtime, text: str) -> float:
-    """exp(mean NLL) of `text`'s tokens after the first, from one teacher-forced prefill."""
-    ids = runtime.tokenizer.encode(text)
-    step = runtime.step_model
-    step.cache.length = 0
-    logits = step.forward(ids, ("logits",))[0][:-1].astype(np.float64)
-    logits -= logits.max(axis=-1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    return math.exp(-float(np.mean(log_probs[np.arange(len(ids) - 1), ids[1:]])))
+def passage_perplexity(runtime) -> float:
+    """The compile-time check's perplexity (compiler/quality.py's passage, teacher-forced)."""
+    ids = runtime.tokenizer.encode(PASSAGE)
+    runtime.step_model.cache.length = 0
+    return perplexity(runtime.step_model.forward(ids, ("logits",))[0], ids)
 
 
 def markdown(record: dict) -> str:
@@ -151,18 +147,19 @@ def main() -> None:
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
                         help="comma-separated, fp32 first (the agreement reference); a subset writes "
                         "bench/results/quantized_<names>.*")  # fmt: skip
+    parser.add_argument("--plain-only", action="store_true", help="artifacts without a drafter: formats only")
     args = parser.parse_args()
     names = args.precisions.split(",")
     if names[0] != "fp32" or any(name not in PRECISIONS for name in names):
         parser.error(f"--precisions: fp32 first, then any of {list(PRECISIONS)[1:]}; got {names}")
     torch.set_num_threads(args.threads)
     folder = fetch("smollm2-135m")
-    built = build(folder, args.work, args.draft, args.tree, args.max_seq_len, names)
+    built = build(folder, args.work, args.draft, args.tree, args.max_seq_len, names, args.plain_only)
     engines, runtimes = [], {}
     for name, (artifact, _) in built.items():
         runtimes[name] = skiptree.load(artifact, threads=args.threads, speculative=False)
         engines.append(SkiptreeEngine(f"skiptree {name}", runtimes[name]))
-        if name in SPECULATIVE:
+        if name in SPECULATIVE and not args.plain_only:
             speculative = skiptree.load(artifact, threads=args.threads)
             engines.append(FreshDraftEngine(f"skiptree {name} speculative", speculative))
             engines.append(FreshDraftEngine(f"skiptree {name} speculative {CHAIN}", speculative, CHAIN))
@@ -197,9 +194,10 @@ def main() -> None:
               "max_seq_len": args.max_seq_len, "rounds": args.rounds, "draft": args.draft, "tree": args.tree,
               "cpu": cpu_model(),
               "genai": peers.genai_version(), "engines": record_engines, "artifacts": artifacts,
-              "perplexity": {name: round(perplexity(rt, HELD_OUT), 3) for name, rt in runtimes.items()},
+              "perplexity": {name: round(passage_perplexity(rt), 3) for name, rt in runtimes.items()},
               "prompt_ids": prompt_ids}  # fmt: skip
     stem = "quantized" if names == list(PRECISIONS) else "_".join(["quantized", *names[1:]])
+    stem = f"quantized_formats_{args.threads}t" if args.plain_only else stem
     peers.save_results(stem, record, markdown(record))
 
 

@@ -33,6 +33,7 @@ from skiptree.compiler.ir.trace import trace_model
 from skiptree.compiler.lower.to_onnx import lower_to_onnx
 from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pipeline import build_pipeline
+from skiptree.compiler.quality import PASSAGE, perplexity
 from skiptree.compiler.specs import CompileOptionError, FreeDraft
 from skiptree.compiler.tune.measure import CALIBRATION_PROMPTS
 from skiptree.models.gguf_convert import atomic_folder
@@ -115,9 +116,10 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
 
 
 def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[GraphName, GraphEntry], backend: BackendEntry,
-                        mode: DecodeMode) -> CheckEntry:  # fmt: skip
+                        mode: DecodeMode, passage_ids: list[int] | None = None) -> CheckEntry:  # fmt: skip
     """Prefill + decode a few tokens on both the lowered graphs (as decode mode `mode` runs them;
-    early exit never exiting) and eager torch; compare."""
+    early exit never exiting) and eager torch; compare. With `passage_ids` (a quantised
+    artifact), also both perplexities on that passage."""
     stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
     opened = open_backend(folder, backend, graphs, SessionConfig(threads=0))
     lowered = step_model_of(opened, graphs, mode, ir.config.num_layers)
@@ -130,10 +132,18 @@ def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[GraphName, Graph
         expected.append(stepper.decode(token))
         got.append(lowered.decode(token))
     expected_arr, got_arr = np.stack(expected), np.stack(got)
+    ppl = {}
+    if passage_ids and len(passage_ids) <= ir.max_seq_len and mode != DecodeMode.EARLY_EXIT:
+        stepper.length = lowered.cache.length = 0
+        reference = stepper.forward(passage_ids).float().numpy()
+        ours = lowered.forward(passage_ids, ("logits",))[0]
+        ppl = {"float_perplexity": perplexity(reference, passage_ids),
+               "perplexity": perplexity(ours, passage_ids)}  # fmt: skip
     return CheckEntry(
         steps=len(expected),
         max_abs_logit_error=float(np.abs(expected_arr - got_arr).max()),
         argmax_agreement=float((expected_arr.argmax(-1) == got_arr.argmax(-1)).mean()),
+        **ppl,
     )
 
 
@@ -212,9 +222,13 @@ def compile_model(
         check = None
         if options.check:
             phase("checking the lowered graph against eager torch")
-            check = check_against_eager(ir, building, graphs, backend, mode)
+            passage = tokenizer.encode(PASSAGE) if options.quantize else None
+            check = check_against_eager(ir, building, graphs, backend, mode, passage)
             log(f"         max |logit error| {check.max_abs_logit_error:.2e}, "
                 f"argmax agreement {check.argmax_agreement:.2f} over {check.steps} steps")
+            if check.perplexity is not None:
+                log(f"         perplexity {check.perplexity:.2f} ({options.quantize}) against "
+                    f"{check.float_perplexity:.2f} (the float model) on a {len(passage)}-token passage")
         speculative = None
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree.spec})")

@@ -245,7 +245,7 @@ def parse_early_exit(text: str) -> EarlyExitSpec:
 
 # --- --quantize ----------------------------------------------------------------------------------
 
-QUANTIZE_USAGE = "write --quantize int8 or int4, optionally int4:block=32,head=no,accuracy=0"
+QUANTIZE_USAGE = "write --quantize int8 or int4, optionally int4:block=32,sym=no,grid=yes,head=no,accuracy=0"
 
 
 class QuantizeError(CompileOptionError):
@@ -254,35 +254,44 @@ class QuantizeError(CompileOptionError):
 
 @dataclass(frozen=True)
 class WeightQuantization:
-    """`bits` 4 or 8; `block_size` inputs per scale (a power of two >= 16); `head`: quantise the
-    output head too; `accuracy_level`: MatMulNBits' compute type (0 float32, 4 int8)."""
+    """`bits` 4 or 8; `block_size` inputs per scale (a power of two >= 16); `symmetric`: no zero
+    points (MLAS's faster kernel, bench/results/matmulnbits_formats.md); `head`: quantise the
+    output head too; `accuracy_level`: MatMulNBits' compute type (0 float32, 4 int8); `grid`: keep a
+    GGUF source's own grid where it maps (block 32: slower, closer to the source) instead of
+    re-quantising its dequantised weights (bench/results/quantized_formats_1t.md)."""
 
     bits: int
     block_size: int = 32
     head: bool = True
     accuracy_level: int = 4
+    symmetric: bool = True
+    grid: bool = False
 
     @property
     def label(self) -> str:
         head = "" if self.head else ", float head"
-        return f"int{self.bits} weights (block {self.block_size}{head})"
+        zero_points = "symmetric" if self.symmetric else "zero points"
+        return f"int{self.bits} weights (block {self.block_size}, {zero_points}{head})"
 
     def to_json(self) -> dict[str, Any]:
         return {"bits": self.bits, "block_size": self.block_size, "head": self.head,
-                "accuracy_level": self.accuracy_level}  # fmt: skip
+                "accuracy_level": self.accuracy_level, "symmetric": self.symmetric,
+                "grid": self.grid}  # fmt: skip
 
     def __str__(self) -> str:
         """The shortest text that parses back to this spec (defaults left out)."""
         default = WeightQuantization(self.bits)
         parts = [f"{key}={value}" for key, value, differs in (
             ("block", self.block_size, self.block_size != default.block_size),
+            ("sym", "yes" if self.symmetric else "no", self.symmetric != default.symmetric),
+            ("grid", "yes", self.grid),
             ("head", "no", not self.head),
             ("accuracy", self.accuracy_level, self.accuracy_level != default.accuracy_level)) if differs]
         return f"int{self.bits}" + (":" + ",".join(parts) if parts else "")
 
 
 def parse_quantize(text: str) -> WeightQuantization:
-    """`int8`, `int4`, `int4:block=64`, `int8:head=no,accuracy=0` -> WeightQuantization."""
+    """`int8`, `int4`, `int4:block=64,sym=no`, `int8:head=no,accuracy=0` -> WeightQuantization."""
     kind, _, rest = text.partition(":")
     if kind not in ("int8", "int4"):
         raise QuantizeError(f"--quantize {text!r}: unknown precision {kind!r}", QUANTIZE_USAGE)
@@ -293,6 +302,8 @@ def parse_quantize(text: str) -> WeightQuantization:
             fields["block_size"] = int(value)
         elif key == "head" and value in ("yes", "no"):
             fields["head"] = value == "yes"
+        elif key in ("sym", "grid") and value in ("yes", "no"):
+            fields["symmetric" if key == "sym" else "grid"] = value == "yes"
         elif key == "accuracy" and value in ("0", "4"):
             fields["accuracy_level"] = int(value)
         else:

@@ -49,14 +49,18 @@ class QuantizeWeights(Pass):
     head: bool = True
     accuracy_level: int = 4
     role: str = "target"
+    symmetric: bool = True
+    grid: bool = False
 
     @classmethod
     def of(cls, spec: WeightQuantization, role: str = "target") -> QuantizeWeights:
-        return cls(spec.bits, spec.block_size, spec.head, spec.accuracy_level, role)
+        return cls(spec.bits, spec.block_size, spec.head, spec.accuracy_level, role, spec.symmetric,
+                   spec.grid)  # fmt: skip
 
     @property
     def spec(self) -> WeightQuantization:
-        return WeightQuantization(self.bits, self.block_size, self.head, self.accuracy_level)
+        return WeightQuantization(self.bits, self.block_size, self.head, self.accuracy_level, self.symmetric,
+                                  self.grid)  # fmt: skip
 
     def run(self, ir: ModelIR) -> PassResult:
         if self.role not in ROLES:

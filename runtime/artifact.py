@@ -121,7 +121,8 @@ class Runtime(TextGenerator):
 
     @property
     def precision(self) -> str:
-        """The target's weights as run: "float32", or e.g. "int4 weights (block 32), float32 activations"."""
+        """The target's weights as run: "float32", or e.g. "int4 weights (block 32, symmetric),
+        float32 activations"."""
         dtype, graphs = self.manifest.dtype, self.manifest.graphs
         graph = graphs.get(GraphName.VERIFY) or graphs.get(GraphName.STEP)
         quantization = graph.quantization if graph else None
@@ -133,7 +134,8 @@ class Runtime(TextGenerator):
         kept = ", ".join(f"{n} {kind}" for kind, n in grids.items())
         grid = f"; the GGUF grid kept for {kept}" if kept else ""
         block = quantization["block_size"]
-        return f"int{quantization['bits']} weights (block {block}{head}{grid}), {compute}"
+        zero_points = "symmetric" if quantization.get("symmetric") else "zero points"  # older: zero points
+        return f"int{quantization['bits']} weights (block {block}, {zero_points}{head}{grid}), {compute}"
 
     @property
     def description(self) -> str:

@@ -196,6 +196,8 @@ class CheckEntry(Entry):
     steps: int
     max_abs_logit_error: float
     argmax_agreement: float
+    perplexity: float | None = None  # a quantised artifact's, on compiler/quality.py's passage
+    float_perplexity: float | None = None  # the float model's (eager torch) on the same passage
 
 
 @dataclass(frozen=True)

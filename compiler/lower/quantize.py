@@ -1,15 +1,18 @@
 """Weight-only quantisation of ONNX step graphs: every constant-weight MatMul -> `MatMulNBits`.
 
-ONNX Runtime's own tooling does the work (`MatMulNBitsQuantizer`: round-to-nearest, asymmetric,
-block-wise along the input dim, a float scale and an integer zero point per block). What we add:
-- the option string (`--quantize int8|int4[:block=32][,head=no][,accuracy=0]`) as a typed spec;
+ONNX Runtime's own tooling does the work (`MatMulNBitsQuantizer`: round-to-nearest, block-wise
+along the input dim, a float scale and (asymmetric, `sym=no`) an integer zero point per block). What we add:
+- the option string (`--quantize int8|int4[:block=32][,sym=no][,grid=yes][,head=no][,accuracy=0]`)
+  as a typed spec; symmetric by default (no zero points: MLAS's faster kernel);
 - the tied output head: exported as `MatMul(x, Transpose(embedding))`, which the quantizer skips
   (its weight is not a constant); with `head=yes` (default) the transpose is folded into a stored
   weight first, so the head (49152 x 576 in SmolLM2: a fifth of the model) is quantised too;
 - `accuracy=4` (default) lets MatMulNBits quantise activations to int8 per block and use integer
   dot products (fastest on CPU); `accuracy=0` computes in float32 on the dequantised weights.
-A GGUF source's Q4_0 / Q4_1 / Q8_0 matrices keep their own grid (`quantize_grid.py`) whatever
-the bits asked, with block 32 (ggml's); `block=N` other than 32 re-quantises everything.
+With `grid=yes`, a GGUF source's Q4_0 / Q4_1 / Q8_0 matrices keep their own grid
+(`quantize_grid.py`) whatever the bits asked, with block 32 (ggml's; another block re-quantises
+everything). The default re-quantises the dequantised weights: faster, further from the source
+(both measured in bench/results/quantized_formats_1t.md; compile prints the perplexity).
 A quantised artifact is a different model from the float one: speculative decoding is lossless
 with respect to it (its verify graph is the quantised target), and `compile --check` reports its
 logit error against the float model.
@@ -81,13 +84,13 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     folded = fold_transposed_weights(model) if spec.head else 0
     kept = [] if spec.head else head_matmuls(model, vocab_size)
     on_grid, added = {}, []
-    if grid and spec.block_size == BLOCK:  # ggml's block: only then is the grid the requested one
-        on_grid, added = apply_grid(model, grid, spec.accuracy_level, skip=set(kept))
+    if grid and spec.grid and spec.block_size == BLOCK:  # ggml's block: only then is it the one asked
+        on_grid, added = apply_grid(model, grid, spec.accuracy_level, set(kept), spec.symmetric)
     logger = logging.getLogger("onnxruntime.quantization")
     level, logger.level = logger.level, logging.WARNING  # one INFO line per node otherwise
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
-                                         is_symmetric=False, accuracy_level=spec.accuracy_level,
+                                         is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
                                          nodes_to_exclude=kept + added)  # fmt: skip
         quantizer.process()
     finally:

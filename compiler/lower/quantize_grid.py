@@ -9,6 +9,9 @@ becomes MatMulNBits with the matrix's own codes and scales (block 32, as ggml's)
     Q4_1  bits 4, scale d, zero point 0 -> d q exactly; the block minimum m is added apart:
           y = MatMulNBits(x) + (x summed per 32-block) @ m^T               w = d q + m
 
+With int8 activations and `symmetric` (the default), Q4_1 codes go to MLAS's faster symmetric kernel
+instead (zero point absent = 8) and the minimum term carries the difference: w = d (q - 8) + (m + 8 d),
+exact up to the float rounding of m + 8 d, far below what int8 activations round.
 Q4_1 as a float zero point (-m / d) would round (about 10% of SmolLM2's blocks) and takes ORT's
 slow dequantise-every-call path; the separate minimum term is exact and costs one small MatMul.
 ggml packs element i and i + 16 into byte i; MatMulNBits wants elements 2j, 2j + 1 in byte j.
@@ -53,30 +56,33 @@ def _digest(weight: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float32).tobytes()).digest()
 
 
-def nbits_initializers(tensor: GridTensor, prefix: str) -> list[onnx.TensorProto]:
-    """B (packed codes), scales and, for Q4_1, zero points (all 0), as MatMulNBits wants them."""
+def nbits_initializers(tensor: GridTensor, prefix: str, symmetric: bool = False) -> list[onnx.TensorProto]:
+    """B (packed codes), scales and, for Q4_1 unless `symmetric`, zero points (all 0), as
+    MatMulNBits wants them."""
     codes = tensor.codes()  # [N, K / 32, 32]
     packed = codes if tensor.bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
     arrays = {"codes": np.ascontiguousarray(packed, dtype=np.uint8), "scales": tensor.scales.reshape(-1)}
-    if tensor.kind == "Q4_1":
+    if tensor.kind == "Q4_1" and not symmetric:
         rows, blocks = tensor.scales.shape
         arrays["zero_points"] = np.zeros((rows, (blocks + 1) // 2), dtype=np.uint8)
     return [numpy_helper.from_array(array, f"{prefix}_{name}") for name, array in arrays.items()]
 
 
-def grid_nodes(node: onnx.NodeProto, tensor: GridTensor, accuracy_level: int
+def grid_nodes(node: onnx.NodeProto, tensor: GridTensor, accuracy_level: int, symmetric: bool = False
                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:  # fmt: skip
-    """The nodes (and initializers) that replace MatMul `node` over `tensor`'s grid."""
+    """The nodes (and initializers) that replace MatMul `node` over `tensor`'s grid (`symmetric`:
+    Q4_1 on the kernel without zero points, its minimums shifted by 8 d)."""
     prefix = f"{node.name or node.output[0]}_gguf"
     rows, blocks = tensor.scales.shape
-    initializers = nbits_initializers(tensor, prefix)
+    initializers = nbits_initializers(tensor, prefix, symmetric)
     codes_out = f"{prefix}_codes_out" if tensor.kind == "Q4_1" else node.output[0]
     nodes = [helper.make_node("MatMulNBits", [node.input[0], *(i.name for i in initializers)], [codes_out],
                               name=f"{prefix}_nbits", domain="com.microsoft", K=blocks * BLOCK, N=rows,
                               bits=tensor.bits, block_size=BLOCK, accuracy_level=accuracy_level)]  # fmt: skip
     if tensor.kind == "Q4_1":  # + (x summed per block) @ m^T: the inputs are [B, T, K]
+        minimums = tensor.minimums + 8 * tensor.scales if symmetric else tensor.minimums
         constants = {"shape": np.array([0, 0, blocks, BLOCK], np.int64), "axes": np.array([-1], np.int64),
-                     "minimums": np.ascontiguousarray(tensor.minimums.T)}  # fmt: skip
+                     "minimums": np.ascontiguousarray(minimums.T, dtype=np.float32)}  # fmt: skip
         initializers += [numpy_helper.from_array(array, f"{prefix}_{k}") for k, array in constants.items()]
         nodes += [helper.make_node("Reshape", [node.input[0], f"{prefix}_shape"], [f"{prefix}_blocks"]),
                   helper.make_node("ReduceSum", [f"{prefix}_blocks", f"{prefix}_axes"], [f"{prefix}_sums"],
@@ -99,9 +105,11 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
 
 
 def apply_grid(model: onnx.ModelProto, grid: dict[str, GridTensor], accuracy_level: int,
-               skip: set[str] = frozenset()) -> tuple[dict[str, int], list[str]]:  # fmt: skip
-    """Rewrite every MatMul over a grid weight (except nodes named in `skip`). Returns the count per
-    kind and the names of the float MatMuls added (the generic quantiser must leave them alone)."""
+               skip: set[str] = frozenset(), symmetric: bool = False
+               ) -> tuple[dict[str, int], list[str]]:  # fmt: skip
+    """Rewrite every MatMul over a grid weight (except nodes named in `skip`; `symmetric`: Q4_1 on
+    the symmetric kernel, int8 activations only). Returns the count per kind and the names of the
+    float MatMuls added (the generic quantiser must leave them alone)."""
     candidates = [*grid.values(), *packed_siblings(grid)]
     by_digest = {_digest(tensor.dequantized().T): tensor for tensor in candidates}
     graph = model.graph
@@ -124,7 +132,8 @@ def apply_grid(model: onnx.ModelProto, grid: dict[str, GridTensor], accuracy_lev
             added.append(node.name)
             counts["Q8_0 as float"] = counts.get("Q8_0 as float", 0) + 1
             continue
-        nodes, new_initializers = grid_nodes(node, tensor, accuracy_level)
+        shifted = symmetric and accuracy_level == 4 and tensor.kind == "Q4_1"
+        nodes, new_initializers = grid_nodes(node, tensor, accuracy_level, shifted)
         rewritten += nodes
         graph.initializer.extend(new_initializers)
         added += [n.name for n in nodes if n.op_type == "MatMul"]

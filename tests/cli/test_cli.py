@@ -87,7 +87,7 @@ def test_generate_json_states_the_precision(tiny_artifact, tmp_path):
     assert compiled.returncode == 0
     out = run_cli("generate", str(art), "--prompt", "t3 t4 t5", "--max-new-tokens", "3", "--json")
     precision = json.loads(out.stdout.splitlines()[-1])["precision"]
-    assert precision == "int8 weights (block 32), int8 activations"
+    assert precision == "int8 weights (block 32, symmetric), int8 activations"
 
 
 def test_compile_refuses_a_max_seq_len_beyond_the_context(tiny_artifact, tmp_path, capsys):

@@ -35,14 +35,15 @@ def test_structure_marks_exactly_the_graphs_of_its_role(graphs_ir):
 
     assert target.modified and set(ir.weight_quantization) == {"step", "verify"}  # compact has no weights
     assert {g: spec.to_json() for g, spec in ir.weight_quantization.items()} == {
-        g: {"bits": 8, "block_size": 32, "head": True, "accuracy_level": 4} for g in ("step", "verify")
+        g: {"bits": 8, "block_size": 32, "head": True, "accuracy_level": 4, "symmetric": True, "grid": False}
+        for g in ("step", "verify")
     }
 
-    draft = run_pass(QuantizeWeights.of(parse_quantize("int4:block=16,head=no,accuracy=0"), role="draft"), ir)
+    draft_spec = parse_quantize("int4:block=16,sym=no,head=no,accuracy=0")
+    draft = run_pass(QuantizeWeights.of(draft_spec, role="draft"), ir)
 
     assert draft.modified and set(ir.weight_quantization) == {"step", "verify", "self_draft"}
-    assert ir.weight_quantization["self_draft"].to_json() == {"bits": 4, "block_size": 16, "head": False,
-                                                             "accuracy_level": 0}  # fmt: skip
+    assert ir.weight_quantization["self_draft"] == draft_spec
     assert ir.weight_quantization["step"].bits == 8  # the draft's pass leaves the target's marks
     assert {name: ops_by_block(ir, name) for name in ir.graphs} == ops  # no graph edited
     assert [record.name for record in ir.passes_run][-2:] == ["QuantizeWeights", "QuantizeWeights"]

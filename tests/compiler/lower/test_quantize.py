@@ -37,8 +37,12 @@ def quantized(tmp_path_factory):
 def test_parse_quantize():
     assert parse_quantize("int8") == WeightQuantization(8)
     assert parse_quantize("int4:block=64,head=no,accuracy=0") == WeightQuantization(4, 64, False, 0)
+    assert parse_quantize("int4:sym=no") == WeightQuantization(4, symmetric=False)
+    assert str(WeightQuantization(4, 64, symmetric=False, grid=True)) == "int4:block=64,sym=no,grid=yes"
+    assert parse_quantize("int4:grid=yes") == WeightQuantization(4, grid=True)
     for text, message in [("int3", "unknown precision 'int3'"), ("int4:block=48", "block 48 is not a power"),
-                          ("int4:group=32", "cannot read 'group=32'"), ("int8:head=maybe", "cannot read")]:
+                          ("int4:group=32", "cannot read 'group=32'"), ("int8:head=maybe", "cannot read"),
+                          ("int4:sym=1", "cannot read 'sym=1'")]:
         with pytest.raises(QuantizeError, match=message):
             parse_quantize(text)
 
@@ -60,11 +64,13 @@ def test_manifest_records_the_quantisation_and_the_tied_head_is_quantised(quanti
     runtime = skiptree.load(artifacts["int4"])
     entry = runtime.manifest.graphs[GraphName.VERIFY].quantization
     assert (entry["bits"], entry["block_size"], entry["quantized_matmuls"]) == (4, 32, 15)  # 2 x 7 + the head
-    assert runtime.precision == "int4 weights (block 32), int8 activations"
+    assert runtime.precision == "int4 weights (block 32, symmetric), int8 activations"
     assert "int4 weights" in runtime.description
     assert "LOSSY at near-ties" in runtime.description  # int8 activations under a branching tree say so
     assert "LOSSY" not in skiptree.load(artifacts["int4"], speculative=False).description
     assert [p.name for p in runtime.manifest.pipeline][-1] == "QuantizeWeights"
+    check = runtime.manifest.check  # compile printed both perplexities on compiler/quality.py's passage
+    assert check.perplexity > 1.0 and check.float_perplexity > 1.0
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

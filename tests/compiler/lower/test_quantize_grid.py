@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import onnx
 import pytest
 
 import skiptree
@@ -58,7 +59,7 @@ def test_quantised_on_the_grid_computes_the_gguf_model(gguf_folder, tmp_path):
     bits = "int8" if kind == "Q8_0" else "int4"
     plain = compile_model(folder, tmp_path / "float", CompileOptions(max_seq_len=32), **QUIET)
     reference = logits_of(plain)
-    options = {"grid": f"{bits}:accuracy=0", "off": f"{bits}:block=64,accuracy=0"}
+    options = {"grid": f"{bits}:grid=yes,accuracy=0", "off": f"{bits}:block=64,accuracy=0"}
     on_grid, off_grid = (compile_model(folder, tmp_path / name, CompileOptions(max_seq_len=32, quantize=q),
                                        **QUIET) for name, q in options.items())  # fmt: skip
     entry = skiptree.load(on_grid).manifest.graphs[GraphName.VERIFY].quantization  # fused: q|k|v one matmul
@@ -75,18 +76,36 @@ def test_quantised_on_the_grid_computes_the_gguf_model(gguf_folder, tmp_path):
 def test_q8_0_runs_as_8_bit_codes_with_int8_activations(tmp_path):
     folder = converted("Q8_0", tmp_path)
     plain = logits_of(compile_model(folder, tmp_path / "float", CompileOptions(max_seq_len=32), **QUIET))
-    options = CompileOptions(max_seq_len=32, quantize="int8")
+    options = CompileOptions(max_seq_len=32, quantize="int8:grid=yes")
     artifact = compile_model(folder, tmp_path / "int8", options, **QUIET)
     entry = skiptree.load(artifact).manifest.graphs[GraphName.VERIFY].quantization
     assert entry["gguf_grid"] == {"Q8_0": MATMULS} and entry["quantized_matmuls"] == MATMULS
     assert np.abs(logits_of(artifact) - plain).max() < 0.05 * np.abs(plain).max()  # int8 activations only
 
 
+def test_q4_1_on_the_symmetric_kernel_computes_the_same_model(tmp_path):
+    """With int8 activations a Q4_1 grid runs on MLAS's symmetric kernel (the minimum shifted by 8 d):
+    the same model to int8 rounding, no further from the float model than with zero points."""
+    folder = converted("Q4_1", tmp_path)
+    plain = logits_of(compile_model(folder, tmp_path / "float", CompileOptions(max_seq_len=32), **QUIET))
+    logits = {}
+    for name, quantize in (("symmetric", "int4:grid=yes"), ("zero_points", "int4:grid=yes,sym=no")):
+        artifact = compile_model(folder, tmp_path / name, CompileOptions(max_seq_len=32, quantize=quantize),
+                                 **QUIET)  # fmt: skip
+        graph = onnx.load(str(artifact / "verify.onnx"), load_external_data=False).graph
+        nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
+        inputs = 3 if name == "symmetric" else 4  # no zero points: MLAS's symmetric kernel
+        assert len(nbits) == MATMULS and {len(node.input) for node in nbits} == {inputs}
+        logits[name] = logits_of(artifact)
+    errors = {name: float(np.abs(got - plain).max() / np.abs(plain).max()) for name, got in logits.items()}
+    assert errors["symmetric"] < 0.05 and errors["symmetric"] <= errors["zero_points"]  # not further off
+
+
 def test_packed_attention_projections_stay_on_the_grid(tmp_path):
     """A fused verify graph packs q|k|v into one matmul; its weight is the row concatenation of
     three grid tensors, so it is lowered on the grid too, and speculation stays lossless."""
     folder = converted("Q4_1", tmp_path)
-    options = CompileOptions(max_seq_len=48, quantize="int4:accuracy=0", draft="prompt-lookup",
+    options = CompileOptions(max_seq_len=48, quantize="int4:grid=yes,accuracy=0", draft="prompt-lookup",
                              tree="chain:3")  # fmt: skip
     artifact = compile_model(folder, tmp_path / "int4", options, **QUIET)
     entry = skiptree.load(artifact).manifest.graphs[GraphName.VERIFY].quantization
