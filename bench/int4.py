@@ -4,14 +4,17 @@ The engines, side by side in one run (interleaved, threads pinned by session opt
 - skiptree `--quantize int4` (the default format) compiled without a drafter: plain decoding;
 - skiptree `--quantize int4 --draft lookup+recycle --tree T` for each --trees T: free drafters,
   every run from the drafter's loaded state (warm recycling table, fresh gate);
+- the speculative artifact decoding plainly (`speculative=False`): its one-row steps are padded to
+  two rows, the numerics its verify steps share (bench/results/matmulnbits_rows.md);
 - onnxruntime-genai int4 (its model builder, defaults);
-- llama.cpp through llama-cpp-python, on the model's own GGUF, when it is installed (see
-  ../shared/DESIGN.md for the build flags that run on this machine kind).
+llama.cpp is not run: llama-cpp-python builds llama.cpp from source at install (~10 min here, and
+only with non-native flags; ../shared/DESIGN.md has its numbers from such a build, below genai int4).
 Prompt sets: bench/speculative.py's chat, code and copying (edit) requests, chat-formatted.
 Speed = new tokens / wall seconds of the whole generation (prefill included), median over the
 prompts of a set (each the median of --rounds); prefill reported apart. Exactness: per prompt,
-whether the speculative tokens equal the plain int4 artifact's. Time to first token of a
---long-prompt-token prompt is measured for skiptree's plain int4 artifact and genai int4.
+whether the speculative tokens equal the plain int4 artifact's, and the padded plain decoding's.
+Time to first token of a --long-prompt-token prompt is measured for skiptree's plain int4 artifact
+and genai int4.
 Writes bench/results/int4_<model>_<threads>t.{json,md}.
 
     .venv/bin/pip install --no-deps onnxruntime-genai==0.18.0   # the peer (pyproject's bench extra)
@@ -41,11 +44,12 @@ import peers  # noqa: E402
 from speculative import PROMPT_SETS  # noqa: E402
 
 PLAIN = "skiptree int4"
+PADDED = "skiptree int4, speculative artifact decoding plainly (one-row steps padded to two)"
 
 
 class SkiptreePlain:
-    def __init__(self, runtime):
-        self.name, self.runtime = PLAIN, runtime
+    def __init__(self, runtime, name: str = PLAIN):
+        self.name, self.runtime = name, runtime
 
     def run(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
         start = time.perf_counter()
@@ -125,7 +129,8 @@ def markdown(record: dict) -> str:
              f"CPU: {record['cpu']}; {record['prompts_per_set']} prompts per set, median of "
              f"{record['rounds']} rounds each, engines interleaved. tok/s = new tokens / wall seconds "
              "of the whole generation (prefill included); x = vs onnxruntime-genai int4 in this run; "
-             "exact = prompts whose tokens equal the plain int4 artifact's. "
+             "exact = prompts whose tokens equal the plain int4 artifact's (and, in brackets, the padded "
+             "plain decoding's). "
              f"Format: {record['precision']}.", "",
              "| engine | " + " | ".join(f"{s} tok/s | {s} vs genai | {s} exact" for s in sets)
              + " | prefill s |",
@@ -135,8 +140,9 @@ def markdown(record: dict) -> str:
         for s in sets:
             tps = statistics.median(by_set[s]["tps"])
             versus = f"{tps / statistics.median(runs[genai][s]['tps']):.2f}x" if genai else "-"
-            exact = by_set[s].get("exact")
-            cells += [f"{tps:.1f}", versus, "-" if exact is None else f"{exact}/{len(by_set[s]['tps'])}"]
+            entry, count = by_set[s], len(by_set[s]["tps"])
+            exact, padded = entry.get("exact"), entry.get("exact_padded")
+            cells += [f"{tps:.1f}", versus, "-" if exact is None else f"{exact}/{count} ({padded}/{count})"]
         prefill = statistics.median(p for s in sets for p in by_set[s]["prefill_s"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {prefill:.3f} |")
     ttft = record["time_to_first_token"]
@@ -159,6 +165,7 @@ def main() -> None:
     parser.add_argument("--draft", default="lookup+recycle")
     parser.add_argument("--trees", default="chain:2,chain:4")
     parser.add_argument("--long-prompt-tokens", type=int, default=1000)
+    parser.add_argument("--ttft-rounds", type=int, default=3)
     parser.add_argument("--max-seq-len", type=int, default=1152)
     parser.add_argument("--work", type=Path, default=Path("bench/.work/int4"))
     args = parser.parse_args()
@@ -175,25 +182,25 @@ def main() -> None:
             compile_model(folder, out, options, log=print)
         loaded[kind] = skiptree.load(out, threads=args.threads, speculative=kind == "speculative")
     plain = SkiptreePlain(loaded["plain"])
-    engines = [plain, *(SkiptreeSpeculative(loaded["speculative"], t, args.draft) for t in trees)]
+    spec_plainly = skiptree.load(loaded["speculative"].folder, threads=args.threads, speculative=False)
+    padded = SkiptreePlain(spec_plainly, PADDED)
+    engines = [plain, padded, *(SkiptreeSpeculative(loaded["speculative"], t, args.draft) for t in trees)]
     unavailable = {}
     for engine in peers.genai_engines(folder, args.threads, precisions=("int4",)):
         if isinstance(engine, peers.Unavailable):
             unavailable[engine.name] = engine.reason
         else:
             engines.append(GenaiWall(engine))
-    try:
-        import llama_cpp  # noqa: F401  (optional peer: built from source, see the module doc)
-    except ImportError:
-        unavailable["llama.cpp"] = "llama-cpp-python is not installed here (see ../shared/DESIGN.md)"
+    unavailable["llama.cpp"] = "not run: llama-cpp-python builds from source (see the module doc)"
     prompts = {name: [plain.runtime.encode_prompt(p, chat=chat) for p in texts[: args.prompts_per_set]]
                for name, (chat, texts) in PROMPT_SETS.items()}  # fmt: skip
     runs = measure(engines, prompts, args.max_new_tokens, args.rounds)
     for name, by_set in runs.items():
         if name.startswith("skiptree int4 +"):
             for s, entry in by_set.items():
-                plain_out = runs[PLAIN][s]["outputs"]
-                entry["exact"] = sum(a == b for a, b in zip(entry["outputs"], plain_out, strict=True))
+                for key, reference in (("exact", PLAIN), ("exact_padded", PADDED)):
+                    outputs = zip(entry["outputs"], runs[reference][s]["outputs"], strict=True)
+                    entry[key] = sum(a == b for a, b in outputs)
     text = "\n\n".join(t for _, texts in PROMPT_SETS.values() for t in texts)
     long_ids = (plain.runtime.tokenizer.encode(text) * 20)[: args.long_prompt_tokens]
     peers_ttft = [e for e in engines if e.name == PLAIN or e.name.startswith("onnxruntime-genai")]
@@ -201,7 +208,7 @@ def main() -> None:
               "prompts_per_set": args.prompts_per_set, "rounds": args.rounds, "cpu": cpu_model(),
               "precision": plain.runtime.precision, "sets": list(prompts), "runs": runs,
               "unavailable": unavailable, "long_prompt_tokens": len(long_ids),
-              "time_to_first_token": time_to_first_token(peers_ttft, long_ids, 3)}  # fmt: skip
+              "time_to_first_token": time_to_first_token(peers_ttft, long_ids, args.ttft_rounds)}  # fmt: skip
     peers.save_results(f"int4_{args.model}_{args.threads}t", record, markdown(record))
 
 

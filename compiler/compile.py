@@ -107,7 +107,7 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
           ) -> tuple[dict[GraphName, GraphEntry], BackendEntry]:  # fmt: skip
     """Lower the IR's graphs for the chosen backend; returns the manifest's graphs and backend entries."""
     files, backend = LOWERINGS[options.backend](ir, building, options, phase)
-    max_tree = min(options.max_tree, options.max_seq_len)  # verify's prefill chunk, also without a drafter
+    max_tree = options.verify_tokens  # verify's prefill chunk, also without a drafter
     graphs = {GraphName(name): GraphEntry.from_json({
         **entry, "signature": ir.graphs[name].signature_json(),
         "max_tree": max_tree if name == GraphName.VERIFY else None}, f"graphs.{name}")

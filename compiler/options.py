@@ -49,6 +49,7 @@ class CompileOptions:
     draft: DraftSpec | None = None  # None: plain; lookup+recycle+corpus:PATH; self:...; feature-head:W; model
     tree: TreeShape = "chain:4"  # chain:K, k-ary:WxD, k-ary:WxD+chain:K or a JSON file (runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
+    prefill_chunk: int = 512  # prompt tokens a call of a plain artifact prefills (bench/results/README.md)
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
     draft_adapter: Path | None = None  # a trained exit adapter for --draft self:exit=E (skiptree tune)
     draft_vocab: int = 0  # > 0: the draft's head keeps only this many frequent tokens (ShrinkDraftVocab)
@@ -79,6 +80,17 @@ class CompileOptions:
     def free_draft(self) -> FreeDraft | None:
         return self.draft if isinstance(self.draft, FreeDraft) else None
 
+    @property
+    def plain_decoding(self) -> bool:
+        """An ONNX Runtime artifact without a drafter: a causal verify graph runs prefill and decode."""
+        return self.backend == "onnxruntime" and not self.draft and not self.early_exit
+
+    @property
+    def verify_tokens(self) -> int:
+        """The most tokens one verify call takes: the largest tree, or a plain artifact's prefill chunk."""
+        tokens = self.prefill_chunk if self.plain_decoding else self.max_tree
+        return min(tokens, self.max_seq_len) if self.max_seq_len else tokens
+
     def validate(self, context: int) -> CompileOptions:
         """Check against the model's context; returns the options with max_seq_len resolved."""
         max_seq_len = self.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
@@ -93,6 +105,9 @@ class CompileOptions:
 
     def _check(self) -> None:
         """Every check that needs no model: contradictions between options, files that must exist."""
+        if self.prefill_chunk < 1:
+            raise CompileOptionError(f"prefill_chunk {self.prefill_chunk} is not a token count",
+                                     "pass 1 or more (prompt tokens a call prefills)")  # fmt: skip
         if self.backend not in BACKENDS:
             raise CompileOptionError(f"backend '{self.backend}' is not available",
                                      f"use one of: {', '.join(BACKENDS)}")  # fmt: skip

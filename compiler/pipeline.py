@@ -38,8 +38,8 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     # A prefix exit's K/V and hidden states feed verification, which then starts at the exit layer.
     first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
     fused = options.backend == "onnxruntime"  # ORT's GroupQueryAttention; TVM keeps the decomposed ops
-    plain = fused and not options.draft and not options.early_exit  # early exit needs the step graph
-    verify = InsertTreeVerify(options.max_tree, first_layer, fused, plain_decoding=plain)
+    plain = options.plain_decoding  # early exit needs the step graph
+    verify = InsertTreeVerify(options.verify_tokens, first_layer, fused, plain_decoding=plain)
     verification: list[Pass] = [verify] if options.draft or plain else []
     cleanup: list[Pass] = [EliminateDeadCode()]
     roles = (("target", options.quantize), ("draft", options.draft_quantize))

@@ -56,17 +56,22 @@ class TreeVerifyModule(nn.Module):
     """
 
     def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int, first_layer: int = 0,
-                 fused_attention: bool = False):  # fmt: skip
+                 fused_attention: bool = False, causal: bool = False):  # fmt: skip
         super().__init__()
         self.model = model
         self.fused_attention = fused_attention
         self.max_seq_len = max_seq_len
         self.squarings = max(1, math.ceil(math.log2(max_tree)))
+        self.causal = causal  # plain decoding: every call is a chain, `parents` is not read
         self.layers = list(range(first_layer, model.config.num_layers))
 
     def forward(self, tokens, parents, prefix_len, *caches):
         steps = tokens.shape[1]
-        ancestors = tree_ancestors(parents, self.squarings)  # [T, T]
+        if self.causal:  # a chain's closure, without the squarings (O(T^3): prefill runs long chunks)
+            nodes = torch.arange(steps)
+            ancestors = (nodes[None, :] <= nodes[:, None]).float()
+        else:
+            ancestors = tree_ancestors(parents, self.squarings)  # [T, T]
         depth = ancestors.sum(-1).to(torch.int64) - 1
         positions = (prefix_len + depth)[None]  # [1, T]
         write_slots = prefix_len + torch.arange(steps)
@@ -132,7 +137,8 @@ class InsertTreeVerify(Pass):
     that supports it attends through `skiptree.models.fused_ops` (ONNX Runtime lowering only:
     TVM has no such op), same inputs, outputs and cache slots. With `plain_decoding` (an artifact
     without a drafter), only a fused verify graph is added, to run prefill and plain steps in place
-    of "step" (a chain tree is a causal step); a model that cannot fuse keeps its step graph alone.
+    of "step" (a chain tree is a causal step; its ancestors are then a triangle, not a closure, so
+    prefill can run long chunks); a model that cannot fuse keeps its step graph alone.
     """
 
     max_tree: int = 64
@@ -160,7 +166,7 @@ class InsertTreeVerify(Pass):
         fused = self.fused_attention and model.supports_fused_attention()
         if self.plain_decoding and not fused:
             return PassResult(ir, False)  # unfused, the verify graph is no faster than "step"
-        verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused)
+        verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused, self.plain_decoding)
         name = GraphName.VERIFY
         ir.graphs[name] = export_with_caches(name, verify, example, caches, outputs, max_tree, layers)
         if not self.plain_decoding:  # compaction moves every layer's K/V after a tree

@@ -198,7 +198,7 @@ def test_plain_artifact_decodes_through_a_fused_verify_graph(tmp_path):
 
     reference = write_tiny_model(tmp_path / "target", FUSED_CONFIGS["llama"])
     write_word_tokenizer(tmp_path / "target")
-    art = skiptree.compile(tmp_path / "target", tmp_path / "artifact", max_seq_len=64, max_tree=8)
+    art = skiptree.compile(tmp_path / "target", tmp_path / "artifact", max_seq_len=64, prefill_chunk=8)
     runtime = skiptree.load(art)
     assert list(runtime.manifest.graphs) == [GraphName.VERIFY] and runtime.speculative is None
     assert runtime.manifest.decode_mode == DecodeMode.PLAIN
