@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
+
+from skiptree.runtime.device import cpu_model
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # hidden, q|k|v out, intermediate, layers, vocab (the models' configurations)
@@ -134,7 +135,7 @@ def markdown(model: str, results: list[dict]) -> str:
     lines = [
         f"# int4 MatMulNBits formats: every weight matmul of {model}, random weights",
         "",
-        f"CPU: {platform.processor() or platform.machine()}; onnxruntime {onnxruntime.__version__}; "
+        f"CPU: {cpu_model()}; onnxruntime {onnxruntime.__version__}; "
         "median ms per call of all the matmuls (one decode step's weight reads); T(M)/T(1) in brackets.",
         "",
         "| threads | block | zero points | activations | M=1 | M=2 | M=3 | M=5 | rows 2..8 invariant "

@@ -49,7 +49,7 @@ class CompileOptions:
     draft: DraftSpec | None = None  # None: plain; lookup+recycle+corpus:PATH; self:...; feature-head:W; model
     tree: TreeShape = "chain:4"  # chain:K, k-ary:WxD, k-ary:WxD+chain:K or a JSON file (runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
-    prefill_chunk: int = 512  # prompt tokens a call of a plain artifact prefills (bench/results/README.md)
+    prefill_chunk: int = 256  # prompt tokens a call of a plain artifact prefills (bench/results/README.md)
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
     draft_adapter: Path | None = None  # a trained exit adapter for --draft self:exit=E (skiptree tune)
     draft_vocab: int = 0  # > 0: the draft's head keeps only this many frequent tokens (ShrinkDraftVocab)
