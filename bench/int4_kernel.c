@@ -1,0 +1,175 @@
+// A batch-invariant int4 x int8 matmul for AVX2, the candidate kernel of bench/int4_kernel.py.
+//
+// y[m][n] = xs[m] * sum_b s[n][b] * sum_j (q[n][b][j] - 8) * xq[m][b][j]
+//
+// Weights: symmetric int4 codes q in 0..15 (zero point 8), block 32 along k, stored [N][K/32][16]
+// bytes (byte j holds element j in its low nibble and element j + 16 in its high one), one float
+// scale per block. Activations: int8 with one scale per row (max |x| / 127), kept unsigned
+// (xq + 128) for vpmaddubsw, whose bias is removed at the end with a per-output constant:
+// sum_j (q - 8) * (xq + 128) = sum_j (q - 8) * xq + 128 * sum_j (q - 8).
+// Every row runs the same instruction sequence whatever the row count (rows are tiled by 8, and a
+// row's arithmetic never depends on its neighbours), so a row's output is bit-identical alone or
+// in a batch: what a lossless speculative verify step needs. A block's int32 dot product is exact;
+// the float accumulation across blocks is in block order, per lane, then the lanes are summed in
+// a fixed order.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 32
+#define ROW_TILE 8
+
+// Per output: sum_b s[n][b] * sum_j (q - 8): the constant that removes the +128 of the activations.
+void int4_bias(int K, int N, const uint8_t *codes, const float *scales, float *bias) {
+    int blocks = K / BLOCK;
+    for (int n = 0; n < N; n++) {
+        float total = 0.0f;
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *c = codes + ((size_t)n * blocks + b) * 16;
+            int sum = 0;
+            for (int j = 0; j < 16; j++) sum += (c[j] & 15) + (c[j] >> 4) - 16;
+            total += scales[(size_t)n * blocks + b] * (float)sum;
+        }
+        bias[n] = total;
+    }
+}
+
+// Row m of x -> unsigned int8 codes xq + 128 and the row's scale.
+static void quantize_row(int K, const float *x, uint8_t *xu, float *xs) {
+    float peak = 0.0f;
+    for (int k = 0; k < K; k++) peak = fmaxf(peak, fabsf(x[k]));
+    float scale = peak > 0.0f ? peak / 127.0f : 1.0f;
+    float inverse = 1.0f / scale;
+    for (int k = 0; k < K; k++) xu[k] = (uint8_t)((int)lrintf(x[k] * inverse) + 128);
+    *xs = scale;
+}
+
+static inline float sum_lanes(__m256 v) {
+    __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
+    __m128 four = _mm_add_ps(low, high);
+    __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+
+// One tile of `rows` rows (a compile-time constant once inlined: the accumulators stay in registers).
+static inline __attribute__((always_inline)) void tile(const int rows, int m0, int K, int N, const uint8_t *codes,
+                                                       const float *scales, const float *bias,
+                                                       const uint8_t *xu, const float *xs, float *y) {
+    int blocks = K / BLOCK;
+    const __m128i low_nibbles = _mm_set1_epi8(15);
+    const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    for (int n = 0; n < N; n++) {
+        __m256 acc[ROW_TILE];
+        for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * blocks * 16;
+        const float *s = scales + (size_t)n * blocks;
+        for (int b = 0; b < blocks; b++) {
+            __m128i packed = _mm_loadu_si128((const __m128i *)(c + b * 16));
+            __m128i lo = _mm_and_si128(packed, low_nibbles);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+            __m256i w = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), eight);  // q - 8, signed
+            __m256 scale = _mm256_set1_ps(s[b]);
+            for (int r = 0; r < rows; r++) {
+                __m256i a = _mm256_loadu_si256((const __m256i *)(xu + (size_t)(m0 + r) * K + b * BLOCK));
+                __m256i pairs = _mm256_maddubs_epi16(a, w);  // |sum| <= 2 * 255 * 8: no saturation
+                __m256i dots = _mm256_madd_epi16(pairs, ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            y[(size_t)(m0 + r) * N + n] = xs[m0 + r] * (sum_lanes(acc[r]) - 128.0f * bias[n]);
+    }
+}
+
+// x [M][K] float -> y [M][N]; xu [M][K] and xs [M] are scratch.
+void int4_matmul(int M, int K, int N, const uint8_t *codes, const float *scales, const float *bias,
+                 const float *x, float *y, uint8_t *xu, float *xs) {
+    for (int m = 0; m < M; m++) quantize_row(K, x + (size_t)m * K, xu + (size_t)m * K, xs + m);
+    for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
+        switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
+            case 1: tile(1, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 2: tile(2, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 3: tile(3, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 4: tile(4, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 5: tile(5, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 6: tile(6, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 7: tile(7, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            default: tile(8, m0, K, N, codes, scales, bias, xu, xs, y); break;
+        }
+    }
+}
+
+// The same product with two blocks a step: one 32-byte load holds blocks b and b + 1, whose low
+// nibbles are [b 0..15 | b+1 0..15] and high ones [b 16..31 | b+1 16..31]; the activations of a
+// block pair are stored in that order (`quantize_row_paired`), so no lane shuffles are needed, and
+// a row costs 2 vpmaddubsw + vpaddw + vpmaddwd + convert + fma per 64 weights. Needs K / 32 even.
+static void quantize_row_paired(int K, const float *x, uint8_t *xu, float *xs) {
+    float peak = 0.0f;
+    for (int k = 0; k < K; k++) peak = fmaxf(peak, fabsf(x[k]));
+    float scale = peak > 0.0f ? peak / 127.0f : 1.0f;
+    float inverse = 1.0f / scale;
+    for (int p = 0; p < K; p += 2 * BLOCK)
+        for (int j = 0; j < 2 * BLOCK; j++) {  // [A0..15, B0..15, A16..31, B16..31]
+            int half = j / BLOCK, within = j % BLOCK, block = within / 16;
+            int source = p + block * BLOCK + half * 16 + within % 16;
+            xu[p + j] = (uint8_t)((int)lrintf(x[source] * inverse) + 128);
+        }
+    *xs = scale;
+}
+
+static inline __attribute__((always_inline)) void tile_paired(const int rows, int m0, int K, int N,
+                                                              const uint8_t *codes, const float *scales,
+                                                              const float *bias, const uint8_t *xu,
+                                                              const float *xs, float *y) {
+    int blocks = K / BLOCK;
+    const __m256i low_nibbles = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int n = 0; n < N; n++) {
+        __m256 acc[ROW_TILE];
+        for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * blocks * 16;
+        const float *s = scales + (size_t)n * blocks;
+        for (int b = 0; b < blocks; b += 2) {
+            __m256i packed = _mm256_loadu_si256((const __m256i *)(c + b * 16));
+            __m256i lo = _mm256_sub_epi8(_mm256_and_si256(packed, low_nibbles), eight);
+            __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles), eight);
+            __m256 scale = _mm256_set_m128(_mm_set1_ps(s[b + 1]), _mm_set1_ps(s[b]));
+            for (int r = 0; r < rows; r++) {
+                const uint8_t *a = xu + (size_t)(m0 + r) * K + b * BLOCK;
+                __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)a), lo),
+                                                 _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(a + 32)), hi));
+                __m256i dots = _mm256_madd_epi16(pairs, ones);  // |i16| <= 4 * 255 * 8: no saturation
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            y[(size_t)(m0 + r) * N + n] = xs[m0 + r] * (sum_lanes(acc[r]) - 128.0f * bias[n]);
+    }
+}
+
+void int4_matmul_paired(int M, int K, int N, const uint8_t *codes, const float *scales, const float *bias,
+                        const float *x, float *y, uint8_t *xu, float *xs) {
+    for (int m = 0; m < M; m++) quantize_row_paired(K, x + (size_t)m * K, xu + (size_t)m * K, xs + m);
+    for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
+        switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
+            case 1: tile_paired(1, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 2: tile_paired(2, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 3: tile_paired(3, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 4: tile_paired(4, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 5: tile_paired(5, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 6: tile_paired(6, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            case 7: tile_paired(7, m0, K, N, codes, scales, bias, xu, xs, y); break;
+            default: tile_paired(8, m0, K, N, codes, scales, bias, xu, xs, y); break;
+        }
+    }
+}
+
+// Every matmul of a model in turn (each its own weights, so a call streams a whole step's weights
+// from memory as a decode step does): x_k [M][K_k] -> y_k [M][N_k].
+// `paired`: int4_matmul_paired, else int4_matmul.
+void int4_model(int count, const int *Ks, const int *Ns, const uint8_t **codes, const float **scales,
+                const float **bias, const float **x, float **y, int M, uint8_t *xu, float *xs, int paired) {
+    for (int i = 0; i < count; i++)
+        (paired ? int4_matmul_paired : int4_matmul)(M, Ks[i], Ns[i], codes[i], scales[i], bias[i], x[i], y[i],
+                                                    xu, xs);
+}
