@@ -164,12 +164,101 @@ void int4_matmul_paired(int M, int K, int N, const uint8_t *codes, const float *
     }
 }
 
+// The paired kernel with one activation scale per block of 32 (as MLAS's int8 path quantises
+// activations) instead of per row: the activations stay signed, the weights' codes go in unsigned
+// (0..15, no subtraction), and the zero point's term -8 * sum(xq) of each block is subtracted from
+// the block's integer dot product. Per row and block pair it stores 8 int32 offsets (8 sum(xq) of
+// block A in lane 0 and of block B in lane 4: vpmaddwd leaves A's partial sums in lanes 0-3 and
+// B's in 4-7) and 8 scales [xs_A x4, xs_B x4].
+static void quantize_row_blocks(int K, const float *x, int8_t *xq, int32_t *offsets, float *xs) {
+    for (int p = 0; p < K; p += 2 * BLOCK) {
+        float scale[2];
+        int sums[2] = {0, 0};
+        for (int block = 0; block < 2; block++) {
+            float peak = 0.0f;
+            for (int k = 0; k < BLOCK; k++) peak = fmaxf(peak, fabsf(x[p + block * BLOCK + k]));
+            scale[block] = peak > 0.0f ? peak / 127.0f : 1.0f;
+        }
+        for (int j = 0; j < 2 * BLOCK; j++) {  // [A0..15, B0..15, A16..31, B16..31]
+            int half = j / BLOCK, within = j % BLOCK, block = within / 16;
+            int source = p + block * BLOCK + half * 16 + within % 16;
+            int q = (int)lrintf(x[source] / scale[block]);
+            xq[p + j] = (int8_t)q;
+            sums[block] += q;
+        }
+        int pair = p / (2 * BLOCK);
+        for (int lane = 0; lane < 8; lane++) {  // a block's dot product is the sum of its 4 lanes
+            int block = lane / 4;
+            offsets[pair * 8 + lane] = lane % 4 == 0 ? 8 * sums[block] : 0;
+            xs[pair * 8 + lane] = scale[block];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_blocks(const int rows, int m0, int K, int N,
+                                                              const uint8_t *codes, const float *scales,
+                                                              const int8_t *xq, const int32_t *offsets,
+                                                              const float *xs, float *y) {
+    int blocks = K / BLOCK, pairs = blocks / 2;
+    const __m256i low_nibbles = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int n = 0; n < N; n++) {
+        __m256 acc[ROW_TILE];
+        for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * blocks * 16;
+        const float *s = scales + (size_t)n * blocks;
+        for (int b = 0; b < blocks; b += 2) {
+            __m256i packed = _mm256_loadu_si256((const __m256i *)(c + b * 16));
+            __m256i lo = _mm256_and_si256(packed, low_nibbles);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+            __m256 scale = _mm256_set_m128(_mm_set1_ps(s[b + 1]), _mm_set1_ps(s[b]));
+            int pair = b / 2;
+            for (int r = 0; r < rows; r++) {
+                size_t row = (size_t)(m0 + r);
+                const int8_t *a = xq + row * K + b * BLOCK;
+                __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)a)),
+                                                _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a + 32))));
+                __m256i dots = _mm256_sub_epi32(_mm256_madd_epi16(sums, ones),
+                                                _mm256_loadu_si256((const __m256i *)(offsets + (row * pairs + pair) * 8)));
+                __m256 both = _mm256_mul_ps(scale, _mm256_loadu_ps(xs + (row * pairs + pair) * 8));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), both, acc[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++) y[(size_t)(m0 + r) * N + n] = sum_lanes(acc[r]);
+    }
+}
+
+// offsets and xs: scratch of M * K / 64 * 8 each.
+void int4_matmul_blocks(int M, int K, int N, const uint8_t *codes, const float *scales, const float *x, float *y,
+                        int8_t *xq, int32_t *offsets, float *xs) {
+    int pairs = K / (2 * BLOCK);
+    for (int m = 0; m < M; m++)
+        quantize_row_blocks(K, x + (size_t)m * K, xq + (size_t)m * K, offsets + (size_t)m * pairs * 8,
+                            xs + (size_t)m * pairs * 8);
+    for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
+        switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
+            case 1: tile_blocks(1, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 2: tile_blocks(2, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 3: tile_blocks(3, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 4: tile_blocks(4, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 5: tile_blocks(5, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 6: tile_blocks(6, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 7: tile_blocks(7, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            default: tile_blocks(8, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+        }
+    }
+}
+
 // Every matmul of a model in turn (each its own weights, so a call streams a whole step's weights
 // from memory as a decode step does): x_k [M][K_k] -> y_k [M][N_k].
-// `paired`: int4_matmul_paired, else int4_matmul.
+// kernel 0: int4_matmul, 1: int4_matmul_paired, 2: int4_matmul_blocks (scratch: xu, offsets, xs).
 void int4_model(int count, const int *Ks, const int *Ns, const uint8_t **codes, const float **scales,
-                const float **bias, const float **x, float **y, int M, uint8_t *xu, float *xs, int paired) {
-    for (int i = 0; i < count; i++)
-        (paired ? int4_matmul_paired : int4_matmul)(M, Ks[i], Ns[i], codes[i], scales[i], bias[i], x[i], y[i],
-                                                    xu, xs);
+                const float **bias, const float **x, float **y, int M, uint8_t *xu, int32_t *offsets,
+                float *xs, int kernel) {
+    for (int i = 0; i < count; i++) {
+        if (kernel == 2)
+            int4_matmul_blocks(M, Ks[i], Ns[i], codes[i], scales[i], x[i], y[i], (int8_t *)xu, offsets, xs);
+        else
+            (kernel ? int4_matmul_paired : int4_matmul)(M, Ks[i], Ns[i], codes[i], scales[i], bias[i], x[i],
+                                                        y[i], xu, xs);
+    }
 }

@@ -35,7 +35,11 @@ from matmulnbits_formats import SHAPES, matmuls, measure  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = (1, 2, 3, 5, 8)
-KERNELS = {"ours, one block a step": False, "ours, two blocks a step": True}  # name -> paired
+KERNELS = {  # name -> the kernel argument of int4_model
+    "ours, one block a step, a scale a row": 0,
+    "ours, two blocks a step, a scale a row": 1,
+    "ours, two blocks a step, a scale a block (as MLAS)": 2,
+}
 BLOCK = 32
 
 
@@ -69,7 +73,9 @@ class Model:
         self.x = [inputs[k] for _, k, _ in shapes]
         self.y = [np.zeros((max_rows, n), np.float32) for _, _, n in shapes]
         self.xu = np.zeros(max_rows * max(k for _, k, _ in shapes), np.uint8)
-        self.xs = np.zeros(max_rows, np.float32)
+        largest = max(k for _, k, _ in shapes)
+        self.xs = np.zeros(max_rows * largest // 8, np.float32)  # per row, or per row and block pair x 8
+        self.offsets = np.zeros(max_rows * largest // 8, np.int32)
         count = len(shapes)
         array = ctypes.c_void_p * count
         self.args = [
@@ -83,8 +89,9 @@ class Model:
             array(*[y.ctypes.data for y in self.y]),
         ]
 
-    def run(self, rows: int, paired: bool) -> list[np.ndarray]:
-        self.lib.int4_model(*self.args, rows, pointer(self.xu), pointer(self.xs), int(paired))
+    def run(self, rows: int, kernel: int) -> list[np.ndarray]:
+        scratch = (pointer(self.xu), pointer(self.offsets), pointer(self.xs))
+        self.lib.int4_model(*self.args, rows, *scratch, kernel)
         return [y[:rows].copy() for y in self.y]
 
     def dequantized(self, index: int) -> np.ndarray:
@@ -105,20 +112,20 @@ def main() -> None:
     head = len(shapes) - 1
     exact = model.x[head][: max(ROWS)] @ model.dequantized(head).T
     kernels = {}
-    for name, paired in KERNELS.items():
-        reference = model.run(max(ROWS), paired)
+    for name, kernel in KERNELS.items():
+        reference = model.run(max(ROWS), kernel)
         invariant = {}  # rows of an M-row call == the same rows of the 8-row call, bit for bit
         for m in range(1, max(ROWS) + 1):
-            outputs = zip(model.run(m, paired), reference, strict=True)
+            outputs = zip(model.run(m, kernel), reference, strict=True)
             invariant[m] = all(np.array_equal(got, ref[:m]) for got, ref in outputs)
         times = {}
         for m in ROWS:
             for _ in range(3):
-                model.run(m, paired)
+                model.run(m, kernel)
             samples = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                model.run(m, paired)
+                model.run(m, kernel)
                 samples.append(time.perf_counter() - start)
             times[m] = statistics.median(samples) * 1000
         error = float(np.abs(reference[head] - exact).max() / np.abs(exact).max())
