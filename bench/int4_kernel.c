@@ -1,4 +1,8 @@
-// A batch-invariant int4 x int8 matmul for AVX2, the candidate kernel of bench/int4_kernel.py.
+// Batch-invariant int4 x int8 matmuls for AVX2, the candidate kernels of bench/int4_kernel.py:
+// int4_matmul (one block a step), int4_matmul_paired (two blocks a step), both with one activation
+// scale per row; int4_matmul_blocks (two blocks a step, one activation scale per block of 32, as
+// MLAS quantises) and int4_matmul_blocks2 (the same, two output columns a pass). The first is
+// described here; the others say what they change.
 //
 // y[m][n] = xs[m] * sum_b s[n][b] * sum_j (q[n][b][j] - 8) * xq[m][b][j]
 //
@@ -250,13 +254,77 @@ void int4_matmul_blocks(int M, int K, int N, const uint8_t *codes, const float *
 
 // Every matmul of a model in turn (each its own weights, so a call streams a whole step's weights
 // from memory as a decode step does): x_k [M][K_k] -> y_k [M][N_k].
-// kernel 0: int4_matmul, 1: int4_matmul_paired, 2: int4_matmul_blocks (scratch: xu, offsets, xs).
+// tile_blocks over two output columns at once (rows <= 4, the accumulators fit the 16 registers):
+// a row's activations, offsets and scales are loaded once for both; each column's arithmetic is
+// exactly tile_blocks' (the same operations in the same order), so results are bit-identical to it.
+static inline __attribute__((always_inline)) void tile_blocks2(const int rows, int m0, int K, int N,
+                                                               const uint8_t *codes, const float *scales,
+                                                               const int8_t *xq, const int32_t *offsets,
+                                                               const float *xs, float *y) {
+    int blocks = K / BLOCK, pairs = blocks / 2;
+    const __m256i low_nibbles = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int n = 0; n + 1 < N; n += 2) {
+        __m256 acc[4][2];
+        for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b += 2) {
+            __m256i lo[2], hi[2];
+            __m256 scale[2];
+            for (int col = 0; col < 2; col++) {
+                const uint8_t *c = codes + (size_t)(n + col) * blocks * 16;
+                const float *s = scales + (size_t)(n + col) * blocks;
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(c + b * 16));
+                lo[col] = _mm256_and_si256(packed, low_nibbles);
+                hi[col] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+                scale[col] = _mm256_set_m128(_mm_set1_ps(s[b + 1]), _mm_set1_ps(s[b]));
+            }
+            int pair = b / 2;
+            for (int r = 0; r < rows; r++) {
+                size_t row = (size_t)(m0 + r);
+                const int8_t *a = xq + row * K + b * BLOCK;
+                __m256i first = _mm256_loadu_si256((const __m256i *)a);
+                __m256i second = _mm256_loadu_si256((const __m256i *)(a + 32));
+                __m256i offset = _mm256_loadu_si256((const __m256i *)(offsets + (row * pairs + pair) * 8));
+                __m256 row_scale = _mm256_loadu_ps(xs + (row * pairs + pair) * 8);
+                for (int col = 0; col < 2; col++) {
+                    __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(lo[col], first),
+                                                    _mm256_maddubs_epi16(hi[col], second));
+                    __m256i dots = _mm256_sub_epi32(_mm256_madd_epi16(sums, ones), offset);
+                    __m256 both = _mm256_mul_ps(scale[col], row_scale);
+                    acc[r][col] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), both, acc[r][col]);
+                }
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int col = 0; col < 2; col++) y[(size_t)(m0 + r) * N + n + col] = sum_lanes(acc[r][col]);
+    }
+    if (N % 2) tile_blocks(rows, m0, K, N, codes, scales, xq, offsets, xs, y);  // (recomputes; even N here)
+}
+
+// int4_matmul_blocks with two columns a pass for tiles of up to 4 rows.
+void int4_matmul_blocks2(int M, int K, int N, const uint8_t *codes, const float *scales, const float *x,
+                         float *y, int8_t *xq, int32_t *offsets, float *xs) {
+    int pairs = K / (2 * BLOCK);
+    for (int m = 0; m < M; m++)
+        quantize_row_blocks(K, x + (size_t)m * K, xq + (size_t)m * K, offsets + (size_t)m * pairs * 8,
+                            xs + (size_t)m * pairs * 8);
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        switch (M - m0 < 4 ? M - m0 : 4) {
+            case 1: tile_blocks2(1, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 2: tile_blocks2(2, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            case 3: tile_blocks2(3, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+            default: tile_blocks2(4, m0, K, N, codes, scales, xq, offsets, xs, y); break;
+        }
+    }
+}
+
+// kernel 0: int4_matmul, 1: _paired, 2: _blocks, 3: _blocks2 (scratch: xu, offsets, xs).
 void int4_model(int count, const int *Ks, const int *Ns, const uint8_t **codes, const float **scales,
                 const float **bias, const float **x, float **y, int M, uint8_t *xu, int32_t *offsets,
                 float *xs, int kernel) {
     for (int i = 0; i < count; i++) {
-        if (kernel == 2)
-            int4_matmul_blocks(M, Ks[i], Ns[i], codes[i], scales[i], x[i], y[i], (int8_t *)xu, offsets, xs);
+        if (kernel >= 2)
+            (kernel == 2 ? int4_matmul_blocks : int4_matmul_blocks2)(M, Ks[i], Ns[i], codes[i], scales[i], x[i],
+                                                                     y[i], (int8_t *)xu, offsets, xs);
         else
             (kernel ? int4_matmul_paired : int4_matmul)(M, Ks[i], Ns[i], codes[i], scales[i], bias[i], x[i],
                                                         y[i], xu, xs);

@@ -39,6 +39,7 @@ KERNELS = {  # name -> the kernel argument of int4_model
     "ours, one block a step, a scale a row": 0,
     "ours, two blocks a step, a scale a row": 1,
     "ours, two blocks a step, a scale a block (as MLAS)": 2,
+    "the same, two output columns a pass": 3,
 }
 BLOCK = 32
 
