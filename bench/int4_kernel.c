@@ -55,6 +55,30 @@ static inline float sum_lanes(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
 }
 
+// Runs tile_fn(rows, m0, ...) over the tiles of up to `limit` rows of an M-row call, `rows` a
+// compile-time constant in each case (never above `limit`), so a tile's accumulators stay in registers.
+#define AT_MOST(n, limit) ((n) < (limit) ? (n) : (limit))
+#define FOR_EACH_TILE(limit, tile_fn, ...)                                           \
+    for (int m0 = 0; m0 < M; m0 += (limit)) {                                        \
+        switch (M - m0 < (limit) ? M - m0 : (limit)) {                               \
+            case 1: tile_fn(1, m0, __VA_ARGS__); break;                              \
+            case 2: tile_fn(AT_MOST(2, limit), m0, __VA_ARGS__); break;              \
+            case 3: tile_fn(AT_MOST(3, limit), m0, __VA_ARGS__); break;              \
+            case 4: tile_fn(AT_MOST(4, limit), m0, __VA_ARGS__); break;              \
+            case 5: tile_fn(AT_MOST(5, limit), m0, __VA_ARGS__); break;              \
+            case 6: tile_fn(AT_MOST(6, limit), m0, __VA_ARGS__); break;              \
+            case 7: tile_fn(AT_MOST(7, limit), m0, __VA_ARGS__); break;              \
+            default: tile_fn(limit, m0, __VA_ARGS__); break;                         \
+        }                                                                            \
+    }
+
+// Where element j of a block pair's 64 stored activations comes from (p: the pair's first k): the
+// order [A0..15, B0..15, A16..31, B16..31] matches the nibbles of a 32-byte load of both blocks.
+static inline int paired_source(int p, int j) {
+    int half = j / BLOCK, within = j % BLOCK, block = within / 16;
+    return p + block * BLOCK + half * 16 + within % 16;
+}
+
 // One tile of `rows` rows (a compile-time constant once inlined: the accumulators stay in registers).
 static inline __attribute__((always_inline)) void tile(const int rows, int m0, int K, int N, const uint8_t *codes,
                                                        const float *scales, const float *bias,
@@ -89,18 +113,7 @@ static inline __attribute__((always_inline)) void tile(const int rows, int m0, i
 void int4_matmul(int M, int K, int N, const uint8_t *codes, const float *scales, const float *bias,
                  const float *x, float *y, uint8_t *xu, float *xs) {
     for (int m = 0; m < M; m++) quantize_row(K, x + (size_t)m * K, xu + (size_t)m * K, xs + m);
-    for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
-        switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
-            case 1: tile(1, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 2: tile(2, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 3: tile(3, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 4: tile(4, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 5: tile(5, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 6: tile(6, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 7: tile(7, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            default: tile(8, m0, K, N, codes, scales, bias, xu, xs, y); break;
-        }
-    }
+    FOR_EACH_TILE(ROW_TILE, tile, K, N, codes, scales, bias, xu, xs, y)
 }
 
 // The same product with two blocks a step: one 32-byte load holds blocks b and b + 1, whose low
@@ -113,9 +126,8 @@ static void quantize_row_paired(int K, const float *x, uint8_t *xu, float *xs) {
     float scale = peak > 0.0f ? peak / 127.0f : 1.0f;
     float inverse = 1.0f / scale;
     for (int p = 0; p < K; p += 2 * BLOCK)
-        for (int j = 0; j < 2 * BLOCK; j++) {  // [A0..15, B0..15, A16..31, B16..31]
-            int half = j / BLOCK, within = j % BLOCK, block = within / 16;
-            int source = p + block * BLOCK + half * 16 + within % 16;
+        for (int j = 0; j < 2 * BLOCK; j++) {
+            int source = paired_source(p, j);
             xu[p + j] = (uint8_t)((int)lrintf(x[source] * inverse) + 128);
         }
     *xs = scale;
@@ -154,18 +166,7 @@ static inline __attribute__((always_inline)) void tile_paired(const int rows, in
 void int4_matmul_paired(int M, int K, int N, const uint8_t *codes, const float *scales, const float *bias,
                         const float *x, float *y, uint8_t *xu, float *xs) {
     for (int m = 0; m < M; m++) quantize_row_paired(K, x + (size_t)m * K, xu + (size_t)m * K, xs + m);
-    for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
-        switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
-            case 1: tile_paired(1, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 2: tile_paired(2, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 3: tile_paired(3, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 4: tile_paired(4, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 5: tile_paired(5, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 6: tile_paired(6, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            case 7: tile_paired(7, m0, K, N, codes, scales, bias, xu, xs, y); break;
-            default: tile_paired(8, m0, K, N, codes, scales, bias, xu, xs, y); break;
-        }
-    }
+    FOR_EACH_TILE(ROW_TILE, tile_paired, K, N, codes, scales, bias, xu, xs, y)
 }
 
 // The paired kernel with one activation scale per block of 32 (as MLAS's int8 path quantises
@@ -183,9 +184,8 @@ static void quantize_row_blocks(int K, const float *x, int8_t *xq, int32_t *offs
             for (int k = 0; k < BLOCK; k++) peak = fmaxf(peak, fabsf(x[p + block * BLOCK + k]));
             scale[block] = peak > 0.0f ? peak / 127.0f : 1.0f;
         }
-        for (int j = 0; j < 2 * BLOCK; j++) {  // [A0..15, B0..15, A16..31, B16..31]
-            int half = j / BLOCK, within = j % BLOCK, block = within / 16;
-            int source = p + block * BLOCK + half * 16 + within % 16;
+        for (int j = 0; j < 2 * BLOCK; j++) {
+            int source = paired_source(p, j), block = (source - p) / BLOCK;
             int q = (int)lrintf(x[source] / scale[block]);
             xq[p + j] = (int8_t)q;
             sums[block] += q;
@@ -238,18 +238,7 @@ void int4_matmul_blocks(int M, int K, int N, const uint8_t *codes, const float *
     for (int m = 0; m < M; m++)
         quantize_row_blocks(K, x + (size_t)m * K, xq + (size_t)m * K, offsets + (size_t)m * pairs * 8,
                             xs + (size_t)m * pairs * 8);
-    for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
-        switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
-            case 1: tile_blocks(1, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 2: tile_blocks(2, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 3: tile_blocks(3, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 4: tile_blocks(4, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 5: tile_blocks(5, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 6: tile_blocks(6, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 7: tile_blocks(7, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            default: tile_blocks(8, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-        }
-    }
+    FOR_EACH_TILE(ROW_TILE, tile_blocks, K, N, codes, scales, xq, offsets, xs, y)
 }
 
 // Every matmul of a model in turn (each its own weights, so a call streams a whole step's weights
@@ -307,14 +296,7 @@ void int4_matmul_blocks2(int M, int K, int N, const uint8_t *codes, const float 
     for (int m = 0; m < M; m++)
         quantize_row_blocks(K, x + (size_t)m * K, xq + (size_t)m * K, offsets + (size_t)m * pairs * 8,
                             xs + (size_t)m * pairs * 8);
-    for (int m0 = 0; m0 < M; m0 += 4) {
-        switch (M - m0 < 4 ? M - m0 : 4) {
-            case 1: tile_blocks2(1, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 2: tile_blocks2(2, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            case 3: tile_blocks2(3, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-            default: tile_blocks2(4, m0, K, N, codes, scales, xq, offsets, xs, y); break;
-        }
-    }
+    FOR_EACH_TILE(4, tile_blocks2, K, N, codes, scales, xq, offsets, xs, y)
 }
 
 // kernel 0: int4_matmul, 1: _paired, 2: _blocks, 3: _blocks2 (scratch: xu, offsets, xs).

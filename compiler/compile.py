@@ -119,7 +119,7 @@ def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[GraphName, Graph
                         mode: DecodeMode, passage_ids: list[int] | None = None) -> CheckEntry:  # fmt: skip
     """Prefill + decode a few tokens on both the lowered graphs (as decode mode `mode` runs them;
     early exit never exiting) and eager torch; compare. With `passage_ids` (a quantised
-    artifact), also both perplexities on that passage."""
+    artifact; at most max_seq_len tokens), also both perplexities on that passage."""
     stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
     opened = open_backend(folder, backend, graphs, SessionConfig(threads=0))
     lowered = step_model_of(opened, graphs, mode, ir.config.num_layers)
@@ -133,8 +133,7 @@ def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[GraphName, Graph
         got.append(lowered.decode(token))
     expected_arr, got_arr = np.stack(expected), np.stack(got)
     ppl = {}
-    passage_ids = (passage_ids or [])[: ir.max_seq_len]  # what fits the cache
-    if len(passage_ids) >= 2 and mode != DecodeMode.EARLY_EXIT:
+    if passage_ids and len(passage_ids) >= 2 and mode != DecodeMode.EARLY_EXIT:
         stepper.length = lowered.cache.length = 0
         reference = stepper.forward(passage_ids).float().numpy()
         ours = lowered.forward(passage_ids, ("logits",))[0]
@@ -223,7 +222,7 @@ def compile_model(
         check = None
         if options.check:
             phase("checking the lowered graph against eager torch")
-            passage = tokenizer.encode(PASSAGE)[: ir.max_seq_len] if options.quantize else None
+            passage = tokenizer.encode(PASSAGE)[: ir.max_seq_len] if options.quantize else None  # what fits
             check = check_against_eager(ir, building, graphs, backend, mode, passage)
             log(f"         max |logit error| {check.max_abs_logit_error:.2e}, "
                 f"argmax agreement {check.argmax_agreement:.2f} over {check.steps} steps")

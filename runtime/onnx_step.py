@@ -199,7 +199,8 @@ class OnnxStepModel(GraphStepModel):
 class VerifyStepModel(CachedSteps):
     """The "step" of a speculative artifact, run through its verify graph, which subsumes it: a
     chain tree is a causal step. One graph then holds the weights once (two graphs would load two
-    copies). Prefill goes in chunks of at most `max_tree` tokens, the verify graph's largest tree."""
+    copies). Prefill goes in chunks of at most `max_tree` tokens, the verify graph's largest call (the
+    largest tree; a plain artifact's prefill chunk)."""
 
     def __init__(self, graph: OnnxGraph, max_tree: int, pads_lone_rows: bool = False):
         self.graph, self.cache, self.pads_lone_rows = graph, graph.cache, pads_lone_rows

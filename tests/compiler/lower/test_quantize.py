@@ -70,7 +70,8 @@ def test_manifest_records_the_quantisation_and_the_tied_head_is_quantised(quanti
     assert "LOSSY" not in skiptree.load(artifacts["int4"], speculative=False).description
     assert [p.name for p in runtime.manifest.pipeline][-1] == "QuantizeWeights"
     check = runtime.manifest.check  # compile printed both perplexities on compiler/quality.py's passage
-    assert check.perplexity > 1.0 and check.float_perplexity > 1.0
+    assert check.perplexity is not None and check.float_perplexity is not None
+    assert check.perplexity != check.float_perplexity  # measured on the int4 graph, not the float model
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
