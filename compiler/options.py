@@ -154,11 +154,19 @@ class CompileOptions:
             check_model_source(draft.source, option="--draft")
 
     def _check_quantize(self, has_head: bool) -> None:
+        # tvm_int4 imports TVM (seconds): only a TVM compile that quantises pays for it
+        if self.backend == "tvm" and (self.quantize or self.draft_quantize):
+            from skiptree.compiler.lower.tvm_int4 import c_compiler, host_has_avx2
         for option, spec in (("--quantize", self.quantize), ("--draft-quantize", self.draft_quantize)):
             if spec is not None:
-                if self.backend != "onnxruntime":
-                    raise CompileOptionError(f"{option} is lowered to ONNX Runtime only (MatMulNBits)",
-                                             "use --backend onnxruntime, or drop the option")  # fmt: skip
+                if self.backend == "tvm" and spec != WeightQuantization(4, head=spec.head):
+                    raise CompileOptionError(f"{option} {spec}: TVM lowers int4 (block 32, symmetric, int8 "
+                                             "activations) only", f"use {option} int4 (head=no allowed), or "
+                                             "--backend onnxruntime")  # fmt: skip
+                if self.backend == "tvm" and not (host_has_avx2() and c_compiler()):
+                    raise CompileOptionError(f"{option} on TVM needs an AVX2 + FMA CPU and a C compiler "
+                                             "(the int4 kernel is compiled at lowering)",
+                                             "use --backend onnxruntime")  # fmt: skip
                 if self.dtype != "float32":
                     raise CompileOptionError(f"{option} needs float32 activations, not {self.dtype}",
                                              "compile with dtype float32")  # fmt: skip

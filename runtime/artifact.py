@@ -143,7 +143,9 @@ class Runtime(TextGenerator):
         mode = f", speculative: {spec.drafter} {spec.tree.spec}" if self.speculative and spec else ""
         parents = list(spec.tree.parents) if spec else []
         branching = parents != list(range(-1, len(parents) - 1))
-        if self.speculative and branching and "int8 activations" in self.precision:
+        graph = self.manifest.graphs.get(GraphName.VERIFY)
+        invariant = bool(((graph.quantization if graph else None) or {}).get("batch_invariant"))
+        if self.speculative and branching and "int8 activations" in self.precision and not invariant:
             # measured (README, int8 activations): chains are exact, branching trees are not
             mode += (" (LOSSY at near-ties: with int8 activations a branching tree can differ from "
                      "plain decoding; a chain:N tree or --quantize ...:accuracy=0 is exact)")  # fmt: skip
@@ -200,7 +202,8 @@ def step_model_of(backend, graphs: Mapping[str, GraphEntry], mode: DecodeMode, n
         return SplitStepModel(backend.graph(GraphName.SELF_DRAFT, cache),
                               backend.graph(GraphName.VERIFY, cache), max_tree)  # fmt: skip
     activations = (verify.quantization or {}).get("accuracy_level", 0)
-    pads = mode == DecodeMode.SPECULATIVE and activations == 4  # int8, speculating: pad_lone_rows
+    invariant = (verify.quantization or {}).get("batch_invariant", False)  # rows computed alike at any count
+    pads = mode == DecodeMode.SPECULATIVE and activations == 4 and not invariant  # pad_lone_rows
     graph = backend.graph(GraphName.VERIFY, backend.cache(verify.signature))
     return VerifyStepModel(graph, max_tree, pads)
 

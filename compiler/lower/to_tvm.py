@@ -37,6 +37,7 @@ from tvm.target import codegen
 
 from skiptree.compiler.ir.graph import ModelIR, StepGraph
 from skiptree.compiler.lower.tvm_inplace import write_caches_in_place
+from skiptree.compiler.lower.tvm_int4 import Int4Choice, kernel_object, quantize_matmuls
 from skiptree.compiler.lower.tvm_schedules import schedule_step_matmuls
 from skiptree.runtime.manifest import GraphName
 
@@ -78,6 +79,7 @@ class ImportedGraph:
     param_names: list[str]  # weight keys (content hashes), in the order the entries take them
     param_values: list[np.ndarray]
     static_tokens: list[int]
+    int4_matmuls: int = 0  # matmuls of an entry rewritten to the int4 kernel
 
 
 def _parameter_names(step: StepGraph) -> list[str]:
@@ -85,7 +87,8 @@ def _parameter_names(step: StepGraph) -> list[str]:
     return [spec.target for spec in signature.input_specs if spec.kind.name == "PARAMETER"]
 
 
-def import_graph(step: StepGraph, static_tokens: tuple[int, ...] = ()) -> ImportedGraph:
+def import_graph(step: StepGraph, static_tokens: tuple[int, ...] = (), int4: Int4Choice | None = None
+                 ) -> ImportedGraph:  # fmt: skip
     """Import a step graph into Relax with its weights as arguments; add `tokens_N` static entries.
 
     Each static entry is its own import with the token dim bound to N: `FuseTransposeMatmul`
@@ -93,7 +96,9 @@ def import_graph(step: StepGraph, static_tokens: tuple[int, ...] = ()) -> Import
     as stored, instead of a transposed copy made on every call) refuses constants shared between
     functions, and the fused functions of a static entry are static too, so MetaSchedule tunes them.
     Weight-only computations left after that are lifted out (`LiftTransformParams`) and run here,
-    once: the artifact stores the weights as the entries take them.
+    once: the artifact stores the weights as the entries take them. With `int4`, the chosen
+    weights' matmuls run our int4 kernel first (`tvm_int4`), and their codes and scales are what is
+    lifted and stored (`ImportedGraph.int4_matmuls` counts them).
     """
     with quiet_native_logs():
         logging.getLogger("torch").setLevel(logging.ERROR)
@@ -111,17 +116,18 @@ def import_graph(step: StepGraph, static_tokens: tuple[int, ...] = ()) -> Import
             functions[entry] = fresh.bind_symbolic_vars({_token_dim(fresh)[0]: tokens}).with_attr(
                 "global_symbol", entry)  # fmt: skip
             made.append(tokens)
+        module, quantized = tvm.IRModule(functions), 0
+        if int4 is not None:
+            module, quantized = quantize_matmuls(module, int4)
         module = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                            relax.transform.CanonicalizeBindings(),
-                                           relax.transform.FuseTransposeMatmul()])(
-            tvm.IRModule(functions))  # fmt: skip
+                                           relax.transform.FuseTransposeMatmul()])(module)  # fmt: skip
         if not values:
             return ImportedGraph(module, [], [], made)
         module = relax.transform.LiftTransformParams(shared_transform=True)(module)
-        transform = module["transform_params"]
+        values = run_transform(module, values)
         del module["transform_params"]
-        values = run_transform(transform, values)
-    return ImportedGraph(module, [weight_key(value) for value in values], values, made)
+    return ImportedGraph(module, [weight_key(value) for value in values], values, made, quantized)
 
 
 def _import_main(step: StepGraph) -> tuple[relax.Function, list]:
@@ -146,10 +152,12 @@ def weight_key(value: np.ndarray) -> str:
     return digest.hexdigest()[:24]
 
 
-def run_transform(transform: relax.Function, values: list[np.ndarray]) -> list[np.ndarray]:
-    """Run a lifted `transform_params` function on the weights (at compile time)."""
+def run_transform(module: tvm.IRModule, values: list[np.ndarray]) -> list[np.ndarray]:
+    """Run the module's lifted `transform_params` function on the weights (at compile time)."""
     target = tvm.target.Target({"kind": "llvm"})
-    module = tvm.IRModule({"transform_params": transform})
+    transform = module["transform_params"]
+    called = {gv: module[gv] for gv in relax.analysis.all_global_vars(transform)}  # the TIR it calls
+    module = tvm.IRModule({"transform_params": transform, **called})
     executable = tvm.compile(module, target)
     machine = relax.VirtualMachine(executable, tvm.cpu())
     outputs = machine["transform_params"]([tvm.runtime.tensor(value) for value in values])
@@ -188,24 +196,31 @@ def lower_to_tvm(ir: ModelIR, folder: Path, target: tvm.target.Target, static_to
                  ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Build the IR's graphs into `folder` (`{graph}.so` + the shared `weights.safetensors`).
 
-    Returns graph name -> {"file", "params" (weight keys), "static_tokens"}. As for ONNX, the step
-    graph is skipped when a verify graph serves as the step. `tune(name, imported)`, when given, runs
-    before each graph is built (MetaSchedule into `database_dir`).
+    Returns graph name -> {"file", "params" (weight keys), "static_tokens", "quantization"}. As for
+    ONNX, the step graph is skipped when a verify graph serves as the step. `tune(name, imported)`,
+    when given, runs before each graph is built (MetaSchedule into `database_dir`). Graphs that
+    QuantizeWeights marked run their matmuls on the int4 kernel (`tvm_int4`), linked into their library.
     """
     folder = Path(folder)
     weights: dict[str, np.ndarray] = {}
     graphs: dict[str, dict[str, Any]] = {}
-    for name, step in ir.graphs.items():
-        if name == GraphName.STEP and GraphName.VERIFY in ir.graphs:
-            continue
-        imported = import_graph(step, static_tokens)
-        if tune is not None:
-            tune(name, imported)
-        weights.update(zip(imported.param_names, imported.param_values, strict=True))
-        executable = build(legalize(imported.module, target), target, database_dir)
-        executable.export_library(str(folder / f"{name}.so"))
-        graphs[name] = {"file": f"{name}.so", "params": imported.param_names,
-                        "static_tokens": imported.static_tokens}  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, step in ir.graphs.items():
+            if name == GraphName.STEP and GraphName.VERIFY in ir.graphs:
+                continue
+            spec = ir.weight_quantization.get(name)
+            int4 = Int4Choice(spec.head, ir.config.vocab_size) if spec else None
+            imported = import_graph(step, static_tokens, int4)
+            if tune is not None:
+                tune(name, imported)
+            weights.update(zip(imported.param_names, imported.param_values, strict=True))
+            executable = build(legalize(imported.module, target), target, database_dir)
+            linked = [str(kernel_object(Path(scratch)))] if imported.int4_matmuls else []
+            executable.export_library(str(folder / f"{name}.so"), options=linked)
+            quantization = {**spec.to_json(), "quantized_matmuls": imported.int4_matmuls,
+                            "kernel": "skiptree int4", "batch_invariant": True} if spec else None  # fmt: skip
+            graphs[name] = {"file": f"{name}.so", "params": imported.param_names,
+                            "static_tokens": imported.static_tokens, "quantization": quantization}
     save_file({key: np.ascontiguousarray(v) for key, v in weights.items()}, str(folder / WEIGHTS_FILE))
     return graphs
 
