@@ -7,6 +7,9 @@ The engines, side by side in one run (interleaved, threads pinned by session opt
 - the speculative artifact decoding plainly (`speculative=False`): its one-row steps are padded to
   two rows, the numerics its verify steps share (bench/results/matmulnbits_rows.md);
 - onnxruntime-genai int4 (its model builder, defaults);
+- with `--backends onnxruntime,tvm`: the same plain and speculative artifacts lowered to TVM, whose
+  int4 matmuls run skiptree's batch-invariant kernel (no padding: its speculative tokens should
+  equal its plain artifact's on every prompt);
 llama.cpp is not run: llama-cpp-python builds llama.cpp from source at install (~10 min here, and
 only with non-native flags; ../shared/DESIGN.md has its numbers from such a build, below genai int4).
 Prompt sets: bench/speculative.py's chat, code and copying (edit) requests, chat-formatted.
@@ -15,7 +18,7 @@ prompts of a set (each the median of --rounds); prefill reported apart. Exactnes
 whether the speculative tokens equal the plain int4 artifact's, and the padded plain decoding's.
 Time to first token of a --long-prompt-token prompt is measured for skiptree's plain int4 artifact
 and genai int4.
-Writes bench/results/int4_<model>_<threads>t.{json,md}.
+Writes bench/results/int4_<model>_<threads>t[_<backends>].{json,md}.
 
     .venv/bin/pip install --no-deps onnxruntime-genai==0.18.0   # the peer (pyproject's bench extra)
     .venv/bin/python bench/int4.py [--threads 1] [--max-new-tokens 96] [--prompts-per-set 4]
@@ -45,6 +48,7 @@ from speculative import PROMPT_SETS  # noqa: E402
 
 PLAIN = "skiptree int4"
 PADDED = "skiptree int4, speculative artifact decoding plainly (one-row steps padded to two)"
+TVM_PLAIN = "skiptree tvm int4"
 
 
 class SkiptreePlain:
@@ -61,8 +65,8 @@ class SkiptreeSpeculative:
     """The artifact's drafter on tree `tree`, from its loaded state every run (a drafter that kept
     its state would recall the last round's output)."""
 
-    def __init__(self, runtime, tree: str, draft: str):
-        self.name, self.runtime = f"skiptree int4 + {draft} {tree}", runtime
+    def __init__(self, runtime, tree: str, draft: str, base: str = PLAIN):
+        self.name, self.runtime = f"{base} + {draft} {tree}", runtime
         self.shape, self.loaded = parse_tree(tree), copy.deepcopy(runtime.speculative.drafter)
 
     def run(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
@@ -142,7 +146,8 @@ def markdown(record: dict) -> str:
             versus = f"{tps / statistics.median(runs[genai][s]['tps']):.2f}x" if genai else "-"
             entry, count = by_set[s], len(by_set[s]["tps"])
             exact, padded = entry.get("exact"), entry.get("exact_padded")
-            cells += [f"{tps:.1f}", versus, "-" if exact is None else f"{exact}/{count} ({padded}/{count})"]
+            bracket = "" if padded is None else f" ({padded}/{count})"
+            cells += [f"{tps:.1f}", versus, "-" if exact is None else f"{exact}/{count}{bracket}"]
         prefill = statistics.median(p for s in sets for p in by_set[s]["prefill_s"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {prefill:.3f} |")
     ttft = record["time_to_first_token"]
@@ -152,6 +157,27 @@ def markdown(record: dict) -> str:
     lines += ["", "Unavailable: " + "; ".join(f"{n}: {why}" for n, why in record["unavailable"].items())
               if record["unavailable"] else ""]  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
+
+
+def backend_engines(folder: Path, backend: str, args: argparse.Namespace, trees: list[str]) -> list:
+    """The plain int4 artifact, (ONNX: the speculative one decoding plainly, padded), the drafters."""
+    artifacts = {"plain": (None, "chain:1"), "speculative": (args.draft, trees[0])}
+    loaded = {}
+    for kind, (draft, tree) in artifacts.items():
+        suffix = "" if backend == "onnxruntime" else f"-{backend}"
+        out = args.work / args.model / f"{args.quantize}-{kind}{suffix}".replace(":", "_")
+        if not (out / "manifest.json").is_file():
+            options = CompileOptions(max_seq_len=args.max_seq_len, quantize=args.quantize, draft=draft,
+                                     tree=tree, backend=backend, threads=args.threads)  # fmt: skip
+            compile_model(folder, out, options, log=print)
+        loaded[kind] = skiptree.load(out, threads=args.threads, speculative=kind == "speculative")
+    name = PLAIN if backend == "onnxruntime" else TVM_PLAIN
+    plain = SkiptreePlain(loaded["plain"], name)
+    drafters = [SkiptreeSpeculative(loaded["speculative"], t, args.draft, name) for t in trees]
+    if backend != "onnxruntime":
+        return [plain, *drafters]
+    spec_plainly = skiptree.load(loaded["speculative"].folder, threads=args.threads, speculative=False)
+    return [plain, SkiptreePlain(spec_plainly, PADDED), *drafters]
 
 
 def main() -> None:
@@ -168,23 +194,15 @@ def main() -> None:
     parser.add_argument("--ttft-rounds", type=int, default=3)
     parser.add_argument("--max-seq-len", type=int, default=1152)
     parser.add_argument("--work", type=Path, default=Path("bench/.work/int4"))
+    parser.add_argument("--backends", default="onnxruntime", help="onnxruntime and/or tvm, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = fetch(args.model)
     trees = args.trees.split(",")
-    artifacts = {"plain": (None, "chain:1"), "speculative": (args.draft, trees[0])}
-    loaded = {}
-    for kind, (draft, tree) in artifacts.items():
-        out = args.work / args.model / f"{args.quantize}-{kind}".replace(":", "_")
-        if not (out / "manifest.json").is_file():
-            options = CompileOptions(max_seq_len=args.max_seq_len, quantize=args.quantize, draft=draft,
-                                     tree=tree)  # fmt: skip
-            compile_model(folder, out, options, log=print)
-        loaded[kind] = skiptree.load(out, threads=args.threads, speculative=kind == "speculative")
-    plain = SkiptreePlain(loaded["plain"])
-    spec_plainly = skiptree.load(loaded["speculative"].folder, threads=args.threads, speculative=False)
-    padded = SkiptreePlain(spec_plainly, PADDED)
-    engines = [plain, padded, *(SkiptreeSpeculative(loaded["speculative"], t, args.draft) for t in trees)]
+    engines = []
+    for backend in args.backends.split(","):
+        engines += backend_engines(folder, backend, args, trees)
+    plain = engines[0]
     unavailable = {}
     for engine in peers.genai_engines(folder, args.threads, precisions=("int4",)):
         if isinstance(engine, peers.Unavailable):
@@ -195,21 +213,26 @@ def main() -> None:
     prompts = {name: [plain.runtime.encode_prompt(p, chat=chat) for p in texts[: args.prompts_per_set]]
                for name, (chat, texts) in PROMPT_SETS.items()}  # fmt: skip
     runs = measure(engines, prompts, args.max_new_tokens, args.rounds)
+    references = {f"{PLAIN} +": (("exact", PLAIN), ("exact_padded", PADDED)),
+                  f"{TVM_PLAIN} +": (("exact", TVM_PLAIN),)}  # fmt: skip
     for name, by_set in runs.items():
-        if name.startswith("skiptree int4 +"):
-            for s, entry in by_set.items():
-                for key, reference in (("exact", PLAIN), ("exact_padded", PADDED)):
-                    outputs = zip(entry["outputs"], runs[reference][s]["outputs"], strict=True)
-                    entry[key] = sum(a == b for a, b in outputs)
+        for prefix, pairs in references.items():
+            if name.startswith(prefix):
+                for s, entry in by_set.items():
+                    for key, reference in pairs:
+                        outputs = zip(entry["outputs"], runs[reference][s]["outputs"], strict=True)
+                        entry[key] = sum(a == b for a, b in outputs)
     text = "\n\n".join(t for _, texts in PROMPT_SETS.values() for t in texts)
     long_ids = (plain.runtime.tokenizer.encode(text) * 20)[: args.long_prompt_tokens]
-    peers_ttft = [e for e in engines if e.name == PLAIN or e.name.startswith("onnxruntime-genai")]
+    peers_ttft = [e for e in engines
+                  if e.name in (PLAIN, TVM_PLAIN) or e.name.startswith("onnxruntime-genai")]  # fmt: skip
     record = {"model": args.model, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
               "prompts_per_set": args.prompts_per_set, "rounds": args.rounds, "cpu": cpu_model(),
               "precision": plain.runtime.precision, "sets": list(prompts), "runs": runs,
               "unavailable": unavailable, "long_prompt_tokens": len(long_ids),
               "time_to_first_token": time_to_first_token(peers_ttft, long_ids, args.ttft_rounds)}  # fmt: skip
-    peers.save_results(f"int4_{args.model}_{args.threads}t", record, markdown(record))
+    backends = "" if args.backends == "onnxruntime" else "_" + args.backends.replace(",", "-")
+    peers.save_results(f"int4_{args.model}_{args.threads}t{backends}", record, markdown(record))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,8 @@ def lower_to_tvm(ir: ModelIR, folder: Path, target: tvm.target.Target, static_to
     Returns graph name -> {"file", "params" (weight keys), "static_tokens", "quantization"}. As for
     ONNX, the step graph is skipped when a verify graph serves as the step. `tune(name, imported)`,
     when given, runs before each graph is built (MetaSchedule into `database_dir`). Graphs that
-    QuantizeWeights marked run their matmuls on the int4 kernel (`tvm_int4`), linked into their library.
+    QuantizeWeights marked run their matmuls on the int4 kernel (`tvm_int4`), linked into their library,
+    and have only the dynamic entry, so that every call runs the same code whatever its token count.
     """
     folder = Path(folder)
     weights: dict[str, np.ndarray] = {}
@@ -210,7 +211,9 @@ def lower_to_tvm(ir: ModelIR, folder: Path, target: tvm.target.Target, static_to
                 continue
             spec = ir.weight_quantization.get(name)
             int4 = Int4Choice(spec.head, ir.config.vocab_size) if spec else None
-            imported = import_graph(step, static_tokens, int4)
+            # batch invariance needs one code path for every token count: a static entry is compiled
+            # (and tuned) for its own count, and its reductions are ordered differently from `main`'s
+            imported = import_graph(step, () if int4 else static_tokens, int4)
             if tune is not None:
                 tune(name, imported)
             weights.update(zip(imported.param_names, imported.param_values, strict=True))
@@ -243,7 +246,9 @@ def tvm_lowering(ir: ModelIR, folder: Path, options: Any, log: Callable[[str], N
     tuned: dict[str, Any] = {}
 
     def tune(name: str, imported: ImportedGraph) -> None:
-        if options.tvm_trials and name in (GraphName.VERIFY, GraphName.STEP):  # decoding runs them each step
+        if options.tvm_trials and not imported.static_tokens:
+            log(f"         {name}: no static entry to tune (int4 graphs run one batch-invariant entry)")
+        elif options.tvm_trials and name in (GraphName.VERIFY, GraphName.STEP):  # run every step
             tuned[name] = tune_schedules(imported, target, options.tvm_database, tuning, log)
 
     graphs = lower_to_tvm(ir, folder, target, static_tokens, options.tvm_database, tune)

@@ -68,7 +68,7 @@ def test_compile_options_hold_specs_not_strings():
     ({"draft": "lookup", "draft_vocab": 8}, "--draft-vocab 8 needs a draft with an output head"),
     ({"draft_quantize": "int4"}, "--draft-quantize int4 needs a draft with weights"),
     ({"draft": "corpus:/no/such/docs"}, "no file or folder /no/such/docs"),
-    ({"backend": "tvm", "quantize": "int8"}, "--quantize is lowered to ONNX Runtime only"),
+    ({"backend": "tvm", "quantize": "int8"}, "--quantize int8: TVM lowers int4"),
 ])  # fmt: skip
 def test_contradictions_are_refused_when_the_options_are_built(options, message):
     with pytest.raises(CompileOptionError, match=message):

@@ -48,7 +48,7 @@ def test_parse_quantize():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(quantize="int4", backend="tvm"), "--quantize is lowered to ONNX Runtime only"),
+    (dict(quantize="int8", backend="tvm"), "TVM lowers int4 .block 32, symmetric, int8 activations. only"),
     (dict(quantize="int4", dtype="float64"), "needs float32 activations"),
     (dict(draft_quantize="int4"), "--draft-quantize int4 needs a draft with weights"),
     (dict(draft_quantize="int4", draft="prompt-lookup"), "needs a draft with weights"),
