@@ -154,8 +154,8 @@ class CompileOptions:
             check_model_source(draft.source, option="--draft")
 
     def _check_quantize(self, has_head: bool) -> None:
-        # tvm_int4 imports TVM (seconds): only a TVM compile that quantises pays for it
         if self.backend == "tvm" and (self.quantize or self.draft_quantize):
+            # tvm_int4 imports TVM (seconds): only a TVM compile that quantises pays for it
             from skiptree.compiler.lower.tvm_int4 import c_compiler, host_has_avx2
         for option, spec in (("--quantize", self.quantize), ("--draft-quantize", self.draft_quantize)):
             if spec is not None:
