@@ -6,6 +6,8 @@ Everywhere skiptree takes a model, `resolve_model_dir(spec)` turns it into a loc
     "smollm2-135m"           zoo name -> fetched and converted on first use (see `zoo.fetch`)
     ./my-model/               HF folder -> used as is (must hold config.json)
     ./model.q4_k_m.gguf       GGUF file -> converted once into skiptree_home()/converted/<sha16>-<stem>/
+    "synthetic:llama-3-8b"    a real configuration with seeded random weights (`synthetic.py`),
+                              written once into skiptree_home()/synthetic/<name>-seed<S>/
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 
 from skiptree.errors import ModelSourceError
 from skiptree.models.gguf_convert import ensure_converted, file_sha256
+from skiptree.models.synthetic import is_synthetic, parse_synthetic, synthetic_folder
 from skiptree.models.zoo import fetch, skiptree_home, supported_names, zoo_names
 
-ACCEPTED = "a Hugging Face model folder, a .gguf file, or one of the zoo names: {names}"
+ACCEPTED = ("a Hugging Face model folder, a .gguf file, synthetic:NAME (random weights), or one of the "
+            "zoo names: {names}")
 
 
 def _accepted() -> str:
@@ -27,6 +31,9 @@ def _accepted() -> str:
 def check_model_source(spec: str | Path, option: str = "model") -> None:
     """Refuse a `spec` that names no model, without fetching or converting anything (cheap: run it
     before any work). `option` names where the spec came from in the message."""
+    if is_synthetic(spec):
+        parse_synthetic(str(spec))  # refuses an unknown name or option
+        return
     path = Path(spec).expanduser()
     where = "" if option == "model" else f"{option} "
     if path.is_dir():
@@ -47,6 +54,8 @@ def check_model_source(spec: str | Path, option: str = "model") -> None:
 def resolve_model_dir(spec: str | Path, progress: bool = True) -> Path:
     """A local HF model folder for `spec` (zoo name, HF folder or .gguf file); see module doc."""
     check_model_source(spec)
+    if is_synthetic(spec):
+        return synthetic_folder(parse_synthetic(str(spec)), skiptree_home(), progress)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path

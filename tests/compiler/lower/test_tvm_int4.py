@@ -166,3 +166,27 @@ def test_int4_speculation_accepts_drafts(int4_artifacts):
         result = tree.generate(prompt, max_new_tokens=30, eos_token_id=[]).result
         assert result.token_ids == expected
         assert sum(step.accepted for step in result.steps) > 0
+
+
+@pytest.mark.slow
+def test_smollm2_tvm_int4_rows_are_batch_invariant_and_trees_are_lossless(tmp_path):
+    """SmolLM2 on TVM int4: a token's logits are the same bits as a one-token step and as a row of a
+    many-token call (no padding), so a branching tree's speculation equals plain decoding."""
+    from skiptree.models.zoo import fetch
+
+    options = CompileOptions(backend="tvm", max_seq_len=160, quantize="int4", draft="prompt-lookup",
+                             tree="k-ary:2x2")  # fmt: skip
+    artifact = compile_model(fetch("smollm2-135m", progress=False), tmp_path / "int4", options, **QUIET)
+    plain, speculative = skiptree.load(artifact, speculative=False), skiptree.load(artifact)
+    assert "LOSSY" not in speculative.description
+    step = plain.step_model
+    prompt = plain.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1)")
+    step.cache.length = 0
+    step.forward(prompt[:-5], ("logits",))
+    one_by_one = np.stack([step.forward([token], ("logits",))[0][0] for token in prompt[-5:]])
+    step.cache.length = len(prompt) - 5
+    np.testing.assert_array_equal(one_by_one, step.forward(prompt[-5:], ("logits",))[0])
+    for text in ("def fib(n):", "a = [1, 2, 3]\nb = [1, 2, 3]\nc = [1, 2, 3]\nd ="):
+        ids = plain.encode_prompt(text)
+        expected = plain.generate(ids, max_new_tokens=48, eos_token_id=[]).token_ids
+        assert speculative.generate(ids, max_new_tokens=48, eos_token_id=[]).token_ids == expected
