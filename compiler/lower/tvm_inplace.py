@@ -19,7 +19,7 @@ INDEX_PUT = tvm.ir.Op.get("relax.index_put")
 OPAQUE = 8  # TIR op pattern kOpaque: FuseOps leaves the scatter alone
 
 
-def _dims(shape: relax.ShapeExpr, symbols: dict[str, str]) -> str:
+def shape_script(shape: relax.ShapeExpr, symbols: dict[str, str]) -> str:
     """A shape as TVMScript, symbolic dims named after their variables (declared by the caller)."""
     names = []
     for dim in shape.values:
@@ -35,14 +35,15 @@ def scatter_function(data: relax.TensorType, indices: list[relax.TensorType],
     """`data[i0[...], ..., iN[...]] = values[...]` in place, index tensors broadcast to the values'
     shape (a dim of 1 broadcasts; negative indices count from the end, as in torch)."""
     symbols: dict[str, str] = {}
-    value_dims = _dims(values.shape, symbols)
+    value_dims = shape_script(values.shape, symbols)
     rank = len(values.shape.values)
     loop_vars = [f"a{axis}" for axis in range(rank)]
-    lines = [f"    data = T.match_buffer(var_data, {_dims(data.shape, symbols)}, '{data.dtype}')",
+    lines = [f"    data = T.match_buffer(var_data, {shape_script(data.shape, symbols)}, '{data.dtype}')",
              f"    values = T.match_buffer(var_values, {value_dims}, '{values.dtype}')"]  # fmt: skip
     subscripts = []
     for k, index in enumerate(indices):
-        lines.append(f"    i{k} = T.match_buffer(var_i{k}, {_dims(index.shape, symbols)}, '{index.dtype}')")
+        index_dims = shape_script(index.shape, symbols)
+        lines.append(f"    i{k} = T.match_buffer(var_i{k}, {index_dims}, '{index.dtype}')")
         at = ", ".join("0" if _is_one(d) else loop_vars[axis] for axis, d in enumerate(index.shape.values))
         extent = data.shape.values[k]
         subscripts.append(f"T.if_then_else(i{k}[{at}] < 0, i{k}[{at}] + T.int64({extent}), i{k}[{at}])")

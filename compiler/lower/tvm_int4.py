@@ -30,7 +30,7 @@ from tvm import relax
 from tvm import tirx as tir
 from tvm.script import from_source
 
-from skiptree.compiler.lower.tvm_inplace import OPAQUE, _dims
+from skiptree.compiler.lower.tvm_inplace import OPAQUE, shape_script
 
 KERNEL_SOURCE = Path(__file__).with_name("int4_kernel.c")
 KERNEL_SYMBOL = "skiptree_int4_matmul"
@@ -124,7 +124,7 @@ def _quantize_source(n: int, k: int, output: str) -> str:
 def _matmul_source(x: relax.TensorType, n: int, k: int) -> str:
     """TVMScript of a PrimFunc x [..., k], codes, scales -> y [..., n] calling the kernel."""
     symbols: dict[str, str] = {}
-    x_dims = _dims(x.shape, symbols)
+    x_dims = shape_script(x.shape, symbols)
     leading = x_dims.strip("()").rstrip(",").split(", ")[:-1]
     y_dims = "(" + ", ".join([*leading, str(n)]) + ("," if not leading else "") + ")"
     rows = " * ".join(leading) or "1"
