@@ -8,6 +8,7 @@ place only when complete (the manifest, with every file's sha256, is written las
 from __future__ import annotations
 
 import hashlib
+import resource
 import shutil
 import sys
 import time
@@ -191,8 +192,9 @@ def compile_model(
     _prepare_output(out_dir)
     start = time.perf_counter()
 
-    def phase(name: str) -> None:
-        log(f"[{time.perf_counter() - start:6.1f} s] {name}")
+    def phase(name: str) -> None:  # with the process's peak resident memory so far (Linux: KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+        log(f"[{time.perf_counter() - start:6.1f} s, peak {peak:5.2f} GB] {name}")
 
     phase(f"resolving {source}")
     folder = resolve_model_dir(source)

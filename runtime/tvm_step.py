@@ -14,6 +14,7 @@ anything else runs the dynamic entry `main` (our matmul schedules, untuned for t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,12 @@ TREE_INPUTS = ("tokens", "parents", "prefix_len")  # a verify graph's (see passe
 def set_threads(threads: int) -> None:
     """The size of TVM's CPU thread pool (0: leave TVM's default, one thread per core)."""
     if threads:
+        # sizing the pool pins the calling thread to one core: everything the process runs after it
+        # (ORT sessions, numpy, a peer engine) would share that core, so its affinity is restored
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        if allowed is not None:
+            os.sched_setaffinity(0, allowed)
 
 
 class TvmWeights:
