@@ -31,6 +31,17 @@ STATIC_PREFIX = "tokens_"  # written by skiptree.compiler.lower.to_tvm
 TREE_INPUTS = ("tokens", "parents", "prefix_len")  # a verify graph's (see passes/insert_tree_verify.py)
 
 
+def pool_for_every_core() -> None:
+    """Let TVM's thread pool have a worker per core this process may use. TVM sizes the pool once,
+    when first used, from TVM_NUM_THREADS or else half the hardware threads (it assumes SMT), so
+    on a 2-core machine `set_threads(2)` ran on one; call this before the pool exists."""
+    if hasattr(os, "sched_getaffinity"):
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+pool_for_every_core()  # at import: before anything here can start TVM's pool
+
+
 def set_threads(threads: int) -> None:
     """The size of TVM's CPU thread pool (0: leave TVM's default, one thread per core)."""
     if threads:

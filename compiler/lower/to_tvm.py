@@ -40,6 +40,9 @@ from skiptree.compiler.lower.tvm_inplace import write_caches_in_place
 from skiptree.compiler.lower.tvm_int4 import Int4Choice, kernel_object, quantize_matmuls
 from skiptree.compiler.lower.tvm_schedules import schedule_step_matmuls
 from skiptree.runtime.manifest import GraphName
+from skiptree.runtime.tvm_step import pool_for_every_core
+
+pool_for_every_core()  # compile-time runs (transform_params, the check) may start TVM's pool first
 
 WEIGHTS_FILE = "weights.safetensors"
 STATIC_PREFIX = "tokens_"  # static entry for N tokens: f"tokens_{N}"

@@ -19,3 +19,13 @@ def test_sizing_the_thread_pool_leaves_the_callers_cores():
     for threads in (2, 1):
         set_threads(threads)
         assert os.sched_getaffinity(0) == allowed
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two cores")  # fmt: skip
+def test_the_thread_pool_has_a_worker_per_core():
+    """TVM sizes its pool from half the hardware threads unless told: one worker on two cores."""
+    import tvm
+
+    set_threads(2)
+    assert tvm.get_global_func("runtime.NumThreads")() == 2
