@@ -20,6 +20,7 @@ logit error against the float model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+from skiptree.compiler.lower.external_data import save_streaming
 from skiptree.compiler.lower.quantize_grid import apply_grid
 from skiptree.compiler.specs import WeightQuantization
 from skiptree.models.gguf_grid import BLOCK
@@ -78,8 +80,15 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     `grid`: a GGUF source's Q4_0 / Q4_1 / Q8_0 matrices (`read_grid`), lowered on their own grid
     when the block size is ggml's 32 (`compiler/lower/quantize_grid.py`); the rest is quantised here."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
-    model = onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=False)  # each weight is read when quantised
+    with contextlib.chdir(path.parent):  # where the external references resolve (external_data.py)
+        quantized, done = _quantize_model(model, spec, vocab_size, grid)
+    save_streaming(quantized, path)
+    return done
+
+
+def _quantize_model(model: onnx.ModelProto, spec: WeightQuantization, vocab_size: int,
+                    grid: dict[str, Any] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:  # fmt: skip
     before = sum(1 for node in model.graph.node if node.op_type == "MatMul")
     folded = fold_transposed_weights(model) if spec.head else 0
     kept = [] if spec.head else head_matmuls(model, vocab_size)
@@ -96,11 +105,7 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     finally:
         logger.level = level
     quantized = quantizer.model.model
-    if data.exists():
-        data.unlink()
-    onnx.save(quantized, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=data.name, size_threshold=1024)  # fmt: skip
     kinds = [node.op_type for node in quantized.graph.node]
-    return {**spec.to_json(), "quantized_matmuls": kinds.count("MatMulNBits"),
+    return quantized, {**spec.to_json(), "quantized_matmuls": kinds.count("MatMulNBits"),
             "float_matmuls": kinds.count("MatMul"), "matmuls_before": before,
             "head_folded": folded, "gguf_grid": on_grid}  # fmt: skip

@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from skiptree.compiler.ir.graph import ModelIR, StepGraph
+from skiptree.compiler.lower.external_data import save_streaming
 from skiptree.compiler.lower.onnx_contrib import (
     TRANSLATIONS,
     drop_unused_contrib_outputs,
@@ -59,12 +60,9 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
     if not any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
         onnx.save(model, str(path))
         return path
-    data = path.with_name(path.name + ".data")  # packing q/k/v writes new weights: load them
-    onnx.load_external_data_for_model(model, str(path.parent))
-    pack_attention_projections(model)
-    data.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)  # fmt: skip
+    with contextlib.chdir(path.parent):  # external references resolve here: q|k|v are read layer by layer
+        pack_attention_projections(model)
+    save_streaming(model, path)
     return path
 
 
