@@ -12,8 +12,8 @@ from skiptree.errors import ModelSourceError
 from skiptree.models.gguf_convert import ensure_converted, file_sha256, is_complete
 from skiptree.models.source import resolve_model_dir
 
-ACCEPTED = ("pass a Hugging Face model folder, a .gguf file, or one of the zoo names: "
-            "smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b.")
+ACCEPTED = ("pass a Hugging Face model folder, a .gguf file, synthetic:NAME (random weights), or one of "
+            "the zoo names: smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b.")
 
 
 @pytest.fixture
