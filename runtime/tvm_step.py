@@ -27,7 +27,7 @@ from tvm import relax
 from skiptree.runtime.manifest import GraphEntry
 from skiptree.runtime.onnx_step import SessionConfig, is_cache
 
-STATIC_PREFIX = "tokens_"  # written by skiptree.compiler.lower.to_tvm
+STATIC_PREFIX = "tokens_"  # the static entries skiptree.compiler.lower.to_tvm writes
 TREE_INPUTS = ("tokens", "parents", "prefix_len")  # a verify graph's (see passes/insert_tree_verify.py)
 
 

@@ -63,7 +63,7 @@ def save_streaming(model: onnx.ModelProto, path: Path) -> Path:
     with open(building, "wb") as out:
         for tensor in model.graph.initializer:
             external = tensor.data_location == TensorProto.EXTERNAL
-            if not external and max(len(tensor.raw_data), _typed_size(tensor)) < INLINE_BYTES:
+            if not external and tensor.ByteSize() < INLINE_BYTES:
                 continue
             out.write(b"\0" * (-out.tell() % ALIGN))
             offset = out.tell()
@@ -80,8 +80,3 @@ def save_streaming(model: onnx.ModelProto, path: Path) -> Path:
     building.replace(data)
     return data
 
-
-def _typed_size(tensor: TensorProto) -> int:
-    """Bytes held in the typed fields (float_data, ...) rather than raw_data, roughly."""
-    return 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * (
-        len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data))

@@ -40,12 +40,9 @@ from skiptree.compiler.lower.tvm_inplace import write_caches_in_place
 from skiptree.compiler.lower.tvm_int4 import Int4Choice, kernel_object, quantize_matmuls
 from skiptree.compiler.lower.tvm_schedules import schedule_step_matmuls
 from skiptree.runtime.manifest import GraphName
-from skiptree.runtime.tvm_step import pool_for_every_core
-
-pool_for_every_core()  # compile-time runs (transform_params, the check) may start TVM's pool first
+from skiptree.runtime.tvm_step import STATIC_PREFIX  # (its import sizes TVM's pool: pool_for_every_core)
 
 WEIGHTS_FILE = "weights.safetensors"
-STATIC_PREFIX = "tokens_"  # static entry for N tokens: f"tokens_{N}"
 
 
 @contextlib.contextmanager
@@ -208,6 +205,7 @@ def lower_to_tvm(ir: ModelIR, folder: Path, target: tvm.target.Target, static_to
     folder = Path(folder)
     weights: dict[str, np.ndarray] = {}
     graphs: dict[str, dict[str, Any]] = {}
+    kernel: list[str] = []  # the int4 kernel's object file, compiled once, for the graphs that call it
     with tempfile.TemporaryDirectory() as scratch:
         for name, step in ir.graphs.items():
             if name == GraphName.STEP and GraphName.VERIFY in ir.graphs:
@@ -221,7 +219,9 @@ def lower_to_tvm(ir: ModelIR, folder: Path, target: tvm.target.Target, static_to
                 tune(name, imported)
             weights.update(zip(imported.param_names, imported.param_values, strict=True))
             executable = build(legalize(imported.module, target), target, database_dir)
-            linked = [str(kernel_object(Path(scratch)))] if imported.int4_matmuls else []
+            if imported.int4_matmuls and not kernel:
+                kernel.append(str(kernel_object(Path(scratch))))
+            linked = kernel if imported.int4_matmuls else []
             executable.export_library(str(folder / f"{name}.so"), options=linked)
             quantization = {**spec.to_json(), "quantized_matmuls": imported.int4_matmuls,
                             "kernel": "skiptree int4", "batch_invariant": True} if spec else None  # fmt: skip
