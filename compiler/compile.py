@@ -7,6 +7,7 @@ place only when complete (the manifest, with every file's sha256, is written las
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import resource
 import shutil
@@ -37,11 +38,13 @@ from skiptree.compiler.pipeline import build_pipeline
 from skiptree.compiler.quality import PASSAGE, perplexity
 from skiptree.compiler.specs import CompileOptionError, FreeDraft
 from skiptree.compiler.tune.measure import CALIBRATION_PROMPTS
+from skiptree.models.base import CausalLM
 from skiptree.models.gguf_convert import atomic_folder
 from skiptree.models.gguf_grid import read_grid
 from skiptree.models.loader import load_model, weight_files
 from skiptree.models.reference import ReferenceStepper
 from skiptree.models.source import resolve_model_dir
+from skiptree.models.weight_store import stream_weights
 from skiptree.runtime.artifact import open_backend, step_model_of
 from skiptree.runtime.device import device_description, device_fingerprint
 from skiptree.runtime.generator import read_eos_token_ids
@@ -69,6 +72,7 @@ from skiptree.runtime.tokenizer import Tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")  # fmt: skip
 CHECK_TOKENS = 8
+EAGER_IN_MEMORY_BYTES = 2 << 30
 
 
 def weights_sha256(folder: Path) -> str:
@@ -116,12 +120,13 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
     return graphs, BackendEntry.from_json(backend, "backend")
 
 
-def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[GraphName, GraphEntry], backend: BackendEntry,
-                        mode: DecodeMode, passage_ids: list[int] | None = None) -> CheckEntry:  # fmt: skip
+def check_against_eager(ir: ModelIR, model: CausalLM, folder: Path, graphs: dict[GraphName, GraphEntry],
+                        backend: BackendEntry, mode: DecodeMode, passage_ids: list[int] | None = None
+                        ) -> CheckEntry:  # fmt: skip
     """Prefill + decode a few tokens on both the lowered graphs (as decode mode `mode` runs them;
-    early exit never exiting) and eager torch; compare. With `passage_ids` (a quantised
-    artifact; at most max_seq_len tokens), also both perplexities on that passage."""
-    stepper = ReferenceStepper(ir.model, max_seq_len=ir.max_seq_len)
+    early exit never exiting) and eager torch (`model`, with the IR's weights); compare. With
+    `passage_ids` (a quantised artifact; at most max_seq_len tokens), also both perplexities on it."""
+    stepper = ReferenceStepper(model, max_seq_len=ir.max_seq_len)
     opened = open_backend(folder, backend, graphs, SessionConfig(threads=0))
     lowered = step_model_of(opened, graphs, mode, ir.config.num_layers)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
@@ -146,6 +151,17 @@ def check_against_eager(ir: ModelIR, folder: Path, graphs: dict[GraphName, Graph
         argmax_agreement=float((expected_arr.argmax(-1) == got_arr.argmax(-1)).mean()),
         **ppl,
     )
+
+
+def eager_model(folder: Path, dtype: torch.dtype, log: Callable[[str], None]) -> CausalLM:
+    """The model for eager work (the check, calibrations): held in memory up to EAGER_IN_MEMORY_BYTES
+    of weights, else by reference with each module's weights read while it runs (slower, bounded)."""
+    model = load_model(folder, dtype, by_reference=True)
+    size = sum(param.numel() * param.element_size() for param in model.parameters())
+    if size <= EAGER_IN_MEMORY_BYTES:
+        return load_model(folder, dtype)
+    log(f"         eager torch reads its {size / (1 << 30):.1f} GB of weights module by module (not held)")
+    return stream_weights(model)
 
 
 def calibration_prompts(options: CompileOptions, tokenizer: Tokenizer) -> list[list[int]]:
@@ -198,8 +214,13 @@ def compile_model(
 
     phase(f"resolving {source}")
     folder = resolve_model_dir(source)
-    phase(f"loading weights from {folder}")
-    model = load_model(folder, getattr(torch, options.dtype))
+    size = options.draft_vocab or (options.early_exit.vocab if options.early_exit else 0)
+    # By reference (models/weight_store.py) unless TVM's importer or a shrunk head reads weight values.
+    by_reference = options.backend == "onnxruntime" and not size
+    phase(f"loading weights from {folder}{' by reference' if by_reference else ''}")
+    dtype = getattr(torch, options.dtype)
+    model = load_model(folder, dtype, by_reference=by_reference)
+    eager = functools.cache(lambda: eager_model(folder, dtype, log) if by_reference else model)
     options = options.validate(model.config.max_position_embeddings)
     tokenizer = Tokenizer.from_folder(folder)
     phase(f"tracing the step graph (max_seq_len {options.max_seq_len})")
@@ -207,7 +228,6 @@ def compile_model(
     if options.quantize or options.draft_quantize:  # a GGUF source's grid is kept where it maps
         ir.weight_grid = read_grid(folder)
     draft_vocab, coverage = (), None
-    size = options.draft_vocab or (options.early_exit.vocab if options.early_exit else 0)
     if size:
         phase(f"counting the target's {size} most frequent output tokens for the draft / exit heads")
         prompts = calibration_prompts(options, tokenizer)
@@ -225,7 +245,9 @@ def compile_model(
         if options.check:
             phase("checking the lowered graph against eager torch")
             passage = tokenizer.encode(PASSAGE)[: ir.max_seq_len] if options.quantize else None  # what fits
-            check = check_against_eager(ir, building, graphs, backend, mode, passage)
+            # A few steps: by reference, eager torch reads each module's weights as it runs (not held).
+            reference = stream_weights(load_model(folder, dtype, True)) if by_reference else model
+            check = check_against_eager(ir, reference, building, graphs, backend, mode, passage)
             log(f"         max |logit error| {check.max_abs_logit_error:.2e}, "
                 f"argmax agreement {check.argmax_agreement:.2f} over {check.steps} steps")
             if check.perplexity is not None:
@@ -235,7 +257,7 @@ def compile_model(
         if options.draft:
             phase(f"building the drafter ({options.draft}, tree {options.tree.spec})")
             speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
-            speculative = replace(speculative, **free_drafter_state(options, ir.model, tokenizer, building,
+            speculative = replace(speculative, **free_drafter_state(options, eager(), tokenizer, building,
                                                                     phase, log))  # fmt: skip
             if isinstance(options.draft, FreeDraft) and backend.name == "onnxruntime":
                 phase("measuring the verify cost T(n) on this machine (the free drafters' per-step gate)")
@@ -253,7 +275,7 @@ def compile_model(
             phase(f"calibrating early exit ({options.early_exit}) on the full model's own continuations")
             spec = options.early_exit.resolved(ir.config.num_layers)
             prompts = calibration_prompts(options, tokenizer)
-            calibrated = calibrate_early_exit(model, prompts, spec, draft_vocab, log)
+            calibrated = calibrate_early_exit(eager(), prompts, spec, draft_vocab, log)
             early_exit = EarlyExitEntry.from_json(
                 {**calibrated, "exit_head_tokens": len(draft_vocab) or ir.config.vocab_size}, "early_exit")
             log(f"         threshold {early_exit.threshold:.4f}: agreement {early_exit.agreement:.3f}, "

@@ -16,6 +16,7 @@ from skiptree.errors import IntegrityError, ModelSourceError
 from skiptree.models.base import CausalLM
 from skiptree.models.config import ModelConfig, read_config_json
 from skiptree.models.registry import build_model, config_from_hf
+from skiptree.models.weight_store import WeightRef, placeholder, weight_ref
 
 _REFETCH = "re-download the checkpoint (a zoo model: delete its cache folder and run skiptree fetch)"
 
@@ -60,8 +61,10 @@ def _open_all(files: list[Path]) -> dict[str, Path]:
     return where
 
 
-def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> CausalLM:
-    """Build the folder's architecture and fill it with its safetensors weights, in eval mode."""
+def load_model(folder: Path, dtype: torch.dtype = torch.float32, by_reference: bool = False) -> CausalLM:
+    """Build the folder's architecture and fill it with its safetensors weights, in eval mode.
+    `by_reference`: placeholders that read nothing, each parameter's source in `model.weight_refs`
+    (`skiptree.models.weight_store`: for lowering and eager work on models too large to hold)."""
     folder = Path(folder)
     config = load_config(folder)
     files = weight_files(folder)
@@ -69,8 +72,10 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     with torch.device("meta"):
         model = build_model(config)
     state: dict[str, torch.Tensor] = {}
+    refs: dict[str, WeightRef] = {}
+    headers: dict[Path, tuple[int, dict]] = {}
     expected = dict(model.named_parameters())
-    handles = {path: safe_open(str(path), framework="pt") for path in files}
+    handles = {} if by_reference else {path: safe_open(str(path), framework="pt") for path in files}
     for ours, spec in model.hf_weights().items():
         source = spec.hf_name if spec.hf_name in where else spec.hf_name.removeprefix("transformer.")
         if source not in where:
@@ -78,19 +83,24 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> CausalLM:
                 f"{folder} lacks the tensor {spec.hf_name} that a {config.model_type} model needs",
                 "check that config.json belongs to these weights",
             )
-        try:
-            tensor = handles[where[source]].get_tensor(source)
-        except Exception as exc:
-            raise IntegrityError(f"{where[source]} is truncated or corrupted ({exc})", _REFETCH) from exc
-        if spec.transpose:
-            tensor = tensor.t()
-        if tuple(tensor.shape) != tuple(expected[ours].shape):
+        if by_reference:
+            refs[ours] = weight_ref(where[source], source, spec.transpose, dtype, headers)
+            shape = refs[ours].shape[::-1] if spec.transpose else refs[ours].shape
+        else:
+            try:
+                tensor = handles[where[source]].get_tensor(source)
+            except Exception as exc:
+                raise IntegrityError(f"{where[source]} is truncated or corrupted ({exc})", _REFETCH) from exc
+            tensor = tensor.t() if spec.transpose else tensor
+            shape = tuple(tensor.shape)
+        if tuple(shape) != tuple(expected[ours].shape):
             raise ModelSourceError(
-                f"tensor {source} has shape {tuple(tensor.shape)}, config.json implies "
+                f"tensor {source} has shape {tuple(shape)}, config.json implies "
                 f"{tuple(expected[ours].shape)}",
                 "check that config.json belongs to these weights",
             )
-        state[ours] = tensor.to(dtype).contiguous()
+        state[ours] = placeholder(tuple(shape), dtype) if by_reference else tensor.to(dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
     model.finish_loading()
+    model.weight_refs = refs
     return model.eval()

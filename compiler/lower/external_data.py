@@ -54,6 +54,40 @@ def _point_to(tensor: TensorProto, location: str, offset: int, length: int) -> N
         entry.key, entry.value = key, value
 
 
+class SpillFile:
+    """Tensors a rewrite makes (packed q|k|v, quantised codes), moved out of memory as they are made:
+    appended to `path` (beside the graph: the working directory of the rewrite, see module doc)
+    and replaced by references to it, which `save_streaming` then copies. Removed on exit."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> SpillFile:
+        self.out = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.out.close()
+        self.path.unlink(missing_ok=True)
+
+    def move(self, tensor: TensorProto) -> None:
+        """Write an in-memory tensor's bytes to the file and point the tensor at them."""
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.ByteSize() < INLINE_BYTES:
+            return
+        raw = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
+        offset = self.out.tell()
+        self.out.write(raw)
+        self.out.flush()  # readers open the file by name
+        for field in TYPED_FIELDS:
+            tensor.ClearField(field)
+        _point_to(tensor, self.path.name, offset, len(raw))
+
+    def move_new(self, graph: onnx.GraphProto, start: int) -> None:
+        """Move the initializers `graph` gained after its first `start` ones."""
+        for tensor in graph.initializer[start:]:
+            self.move(tensor)
+
+
 def save_streaming(model: onnx.ModelProto, path: Path) -> Path:
     """Write `model` to `path` and its weights to `path.data`, one tensor at a time (see module doc);
     returns the data file. The previous `path.data` may be one of the sources: it is replaced last."""

@@ -18,6 +18,7 @@ from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
 import skiptree.models.fused_ops  # noqa: F401  (registers the torch.ops.skiptree fused ops)
+from skiptree.compiler.lower.external_data import SpillFile
 
 CONTRIB_DOMAIN = "com.microsoft"
 GROUP_QUERY_INPUTS = (
@@ -114,10 +115,11 @@ def _projection(name: str, producers: dict, initializers: dict) -> tuple | None:
     return node, add
 
 
-def pack_attention_projections(model: onnx.ModelProto) -> int:
+def pack_attention_projections(model: onnx.ModelProto, spill: SpillFile | None = None) -> int:
     """GroupQueryAttention(x @ Wq (+ bq), x @ Wk (+ bk), x @ Wv (+ bv)) -> GroupQueryAttention(
     x @ [Wq Wk Wv] (+ [bq bk bv]), -, -): ORT's packed-QKV form, one matmul instead of three (before
-    quantisation, which then sees one constant weight). Returns how many nodes were packed."""
+    quantisation, which then sees one constant weight). Returns how many nodes were packed. `spill`:
+    where each packed weight goes as soon as it is made (external_data.py), else it stays in memory."""
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
     initializers = {init.name: init for init in graph.initializer}
@@ -136,6 +138,9 @@ def pack_attention_projections(model: onnx.ModelProto) -> int:
         prefix = f"{attention.name}_qkv"
         weights = [numpy_helper.to_array(initializers[matmul.input[1]]) for matmul, _ in parts]
         graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{prefix}_weight"))
+        del weights
+        if spill is not None:
+            spill.move(graph.initializer[-1])
         new_nodes = [helper.make_node("MatMul", [parts[0][0].input[0], f"{prefix}_weight"], [f"{prefix}_out"],
                                       name=f"{prefix}_matmul")]  # fmt: skip
         if parts[0][1] is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from skiptree.compiler.lower.external_data import save_streaming
+from skiptree.compiler.lower.external_data import SpillFile, save_streaming
 from skiptree.compiler.lower.quantize_grid import apply_grid
 from skiptree.compiler.specs import WeightQuantization
 from skiptree.models.gguf_grid import BLOCK
@@ -81,16 +82,34 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     when the block size is ggml's 32 (`compiler/lower/quantize_grid.py`); the rest is quantised here."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)  # each weight is read when quantised
-    with contextlib.chdir(path.parent):  # where the external references resolve (external_data.py)
-        quantized, done = _quantize_model(model, spec, vocab_size, grid)
-    save_streaming(quantized, path)
+    with contextlib.chdir(path.parent), SpillFile(Path(f"{path.name}.spill")) as spill:
+        # external references resolve here (external_data.py); new tensors go to the spill file
+        quantized, done = _quantize_model(model, spec, vocab_size, grid, spill)
+        save_streaming(quantized, path)
     return done
 
 
+def _spilling(quantize: Callable, spill: SpillFile) -> Callable:
+    """A node quantizer whose new tensors go to `spill` as soon as each node is done (ORT's quantizer
+    would hold every node's codes until the end)."""
+
+    def quantize_and_spill(node: onnx.NodeProto, graph_stack: list[onnx.GraphProto]) -> list[onnx.NodeProto]:
+        counts = [len(graph.initializer) for graph in graph_stack]
+        nodes = quantize(node, graph_stack)
+        for graph, count in zip(graph_stack, counts, strict=False):
+            spill.move_new(graph, count)
+        return nodes
+
+    return quantize_and_spill
+
+
 def _quantize_model(model: onnx.ModelProto, spec: WeightQuantization, vocab_size: int,
-                    grid: dict[str, Any] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:  # fmt: skip
+                    grid: dict[str, Any] | None, spill: SpillFile
+                    ) -> tuple[onnx.ModelProto, dict[str, Any]]:  # fmt: skip
     before = sum(1 for node in model.graph.node if node.op_type == "MatMul")
+    count = len(model.graph.initializer)
     folded = fold_transposed_weights(model) if spec.head else 0
+    spill.move_new(model.graph, count)
     kept = [] if spec.head else head_matmuls(model, vocab_size)
     on_grid, added = {}, []
     if grid and spec.grid and spec.block_size == BLOCK:  # ggml's block: only then is it the one asked
@@ -101,6 +120,7 @@ def _quantize_model(model: onnx.ModelProto, spec: WeightQuantization, vocab_size
         quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
                                          is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
                                          nodes_to_exclude=kept + added)  # fmt: skip
+        quantizer.node_quantizer.quantize = _spilling(quantizer.node_quantizer.quantize, spill)
         quantizer.process()
     finally:
         logger.level = level

@@ -18,13 +18,15 @@ import onnx
 import torch
 
 from skiptree.compiler.ir.graph import ModelIR, StepGraph
-from skiptree.compiler.lower.external_data import save_streaming
+from skiptree.compiler.lower.external_data import SpillFile, save_streaming
 from skiptree.compiler.lower.onnx_contrib import (
     TRANSLATIONS,
     drop_unused_contrib_outputs,
     pack_attention_projections,
 )
+from skiptree.compiler.lower.onnx_weights import optimize, reference_weights, save_with_weights
 from skiptree.compiler.lower.quantize import quantize_onnx_file
+from skiptree.models.weight_store import WeightRef, refs_by_storage
 from skiptree.runtime.manifest import GraphName
 
 
@@ -38,8 +40,9 @@ def _rename_dynamic_dims(model: onnx.ModelProto, step: StepGraph) -> None:
                 dim.dim_param = size
 
 
-def export_onnx(step: StepGraph, path: Path) -> Path:
-    """Write one step graph as `path` (+ `path.data` holding the weights)."""
+def export_onnx(step: StepGraph, path: Path, refs: dict[int, WeightRef] | None = None) -> Path:
+    """Write one step graph as `path` (+ `path.data` holding the weights). `refs`: a by-reference
+    model's placeholders (`refs_by_storage`), whose weights are read from their checkpoint as written."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # exporter chatter (torchvision ops, pytree notices)
         for name in ("torch.onnx", "onnx_ir", "onnxscript"):
@@ -50,19 +53,22 @@ def export_onnx(step: StepGraph, path: Path) -> Path:
             output_names=[spec.name for spec in step.outputs],
             dynamo=True,
             custom_translation_table=TRANSLATIONS,  # fused ops -> ORT contrib ops
-            optimize=True,
+            optimize=False,  # onnx_weights.optimize: the same passes, with large weights never in memory
             verbose=False,
         )
-        program.save(str(path), external_data=True)
+        reference_weights(program.model, refs or {})
+        optimize(program.model)
+        save_with_weights(program.model, path, progress=True)
+    del program  # (its lazy weights hold no memory; its graph does)
     model = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
     _rename_dynamic_dims(model, step)
     drop_unused_contrib_outputs(model)
     if not any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
         onnx.save(model, str(path))
         return path
-    with contextlib.chdir(path.parent):  # external references resolve here: q|k|v are read layer by layer
-        pack_attention_projections(model)
-    save_streaming(model, path)
+    with contextlib.chdir(path.parent), SpillFile(Path(f"{path.name}.spill")) as spill:
+        pack_attention_projections(model, spill)  # q|k|v read (external references resolve here), spilled
+        save_streaming(model, path)
     return path
 
 
@@ -74,10 +80,11 @@ def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, dict]:
     QuantizeWeights marked get their constant-weight MatMuls quantised (`compiler/lower/quantize.py`).
     """
     files = {}
+    refs = refs_by_storage(ir.model)
     for name, step in ir.graphs.items():
         if name == GraphName.STEP and GraphName.VERIFY in ir.graphs:
             continue
-        path = export_onnx(step, Path(folder) / f"{name}.onnx")
+        path = export_onnx(step, Path(folder) / f"{name}.onnx", refs)
         spec = ir.weight_quantization.get(name)
         quantization = quantize_onnx_file(path, spec, ir.config.vocab_size, ir.weight_grid) if spec else None
         files[name] = {"file": path.name, "quantization": quantization}
