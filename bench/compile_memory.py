@@ -95,7 +95,8 @@ def run_measured(command: list[str], limit_bytes: int, timeout_s: float) -> dict
     wall = time.perf_counter() - start
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     status = stopped[0] if stopped else ("ok" if child.returncode == 0 else f"exit {child.returncode}")
-    tail = "" if status == "ok" else err.strip().splitlines()[-12:]
+    own = err.split("\tCommand being timed:")[0]  # what the command wrote, before time's report
+    tail = "" if status == "ok" else own.strip().splitlines()[-12:]
     phases = [line for line in err.splitlines() if re.match(r"\[ *[\d.]+ s, peak", line)]  # compile's log
     return {"peak_rss_bytes": int(found.group(1)) * 1024 if found else None, "watchdog_peak_bytes": peak,
             "wall_s": round(wall, 2), "status": status, "stdout": out, "error_tail": tail,

@@ -43,18 +43,19 @@ class WeightRef:
 
     def read(self) -> torch.Tensor:
         """The parameter's value, read from the file now (one tensor of memory, freed with it)."""
-        buffer = bytearray(self.end - self.start)
-        view, done = memoryview(buffer), 0
+        # Read into a torch allocation (aligned as any tensor's: kernels may round differently on
+        # other alignments, and a tensor over a bytearray would keep that alignment).
+        tensor = torch.empty(self.shape, dtype=self.stored)
+        view, done = memoryview(tensor.view(-1).view(torch.uint8).numpy()), 0
+        if len(view) != self.end - self.start:
+            raise IntegrityError(f"{self.path}: tensor {self.name}'s bytes do not fit its shape", _REFETCH)
         with open(self.path, "rb", buffering=0) as source:
             source.seek(self.start)
-            while done < len(buffer):
+            while done < len(view):
                 count = source.readinto(view[done:])
                 if not count:
                     raise IntegrityError(f"{self.path} ends inside tensor {self.name}", _REFETCH)
                 done += count
-        if not buffer:
-            return torch.empty(self.shape, dtype=self.dtype)
-        tensor = torch.frombuffer(buffer, dtype=self.stored).reshape(self.shape)
         tensor = tensor.t() if self.transpose else tensor
         return tensor.to(self.dtype).contiguous()
 

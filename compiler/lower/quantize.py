@@ -80,7 +80,7 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     """Quantise one exported graph in place (`path` + its external data); returns what was done.
     `grid`: a GGUF source's Q4_0 / Q4_1 / Q8_0 matrices (`read_grid`), lowered on their own grid
     when the block size is ggml's 32 (`compiler/lower/quantize_grid.py`); the rest is quantised here."""
-    path = Path(path)
+    path = Path(path).resolve()  # the rewrite runs in its folder
     model = onnx.load(str(path), load_external_data=False)  # each weight is read when quantised
     with contextlib.chdir(path.parent), SpillFile(Path(f"{path.name}.spill")) as spill:
         # external references resolve here (external_data.py); new tensors go to the spill file

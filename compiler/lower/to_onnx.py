@@ -43,6 +43,7 @@ def _rename_dynamic_dims(model: onnx.ModelProto, step: StepGraph) -> None:
 def export_onnx(step: StepGraph, path: Path, refs: dict[int, WeightRef] | None = None) -> Path:
     """Write one step graph as `path` (+ `path.data` holding the weights). `refs`: a by-reference
     model's placeholders (`refs_by_storage`), whose weights are read from their checkpoint as written."""
+    path = Path(path).resolve()  # the rewrites below run in its folder
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # exporter chatter (torchvision ops, pytree notices)
         for name in ("torch.onnx", "onnx_ir", "onnxscript"):
