@@ -48,11 +48,13 @@ class Runtime(TextGenerator):
     """
 
     def __init__(self, folder: Path, threads: int | None = None, check_hashes: bool = True,
-                 speculative: bool = True):  # fmt: skip
+                 speculative: bool = True, session: SessionConfig | None = None):  # fmt: skip
+        """`session`: the ONNX Runtime settings in full (threads and level included), instead of the
+        manifest's with `threads`."""
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder, check_hashes=check_hashes)
         backend = self.manifest.backend
-        self.session_config = SessionConfig(
+        self.session_config = session or SessionConfig(
             threads=backend.threads if threads is None else threads,
             optimization_level=backend.optimization_level or "extended",
         )

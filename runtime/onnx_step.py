@@ -26,11 +26,16 @@ OPTIMIZATION_LEVELS = {
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """How to run the graphs: threads (0 = ORT's default), optimisation level, providers."""
+    """How to run the graphs: threads (0 = ORT's default), optimisation level, providers, and two
+    memory knobs (what each costs: bench/results/session_memory.md): `prepacking` (ORT copies
+    constant weights into its kernels' layouts at load), `memory_arena` (ORT's CPU arena keeps
+    freed activation buffers for reuse)."""
 
     threads: int = 0
     optimization_level: str = "extended"  # measured: "all" gains nothing on CPU here
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    prepacking: bool = True
+    memory_arena: bool = True
 
 
 def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
@@ -40,6 +45,9 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
         options.intra_op_num_threads = config.threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not config.prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = config.memory_arena
     return ort.InferenceSession(str(path), options, providers=list(config.providers))
 
 

@@ -57,10 +57,10 @@ def _point_to(tensor: TensorProto, location: str, offset: int, length: int) -> N
 class SpillFile:
     """Tensors a rewrite makes (packed q|k|v, quantised codes), moved out of memory as they are made:
     appended to `path` (beside the graph: the working directory of the rewrite, see module doc)
-    and replaced by references to it, which `save_streaming` then copies. Removed on exit."""
+    and replaced by references to it, which `save_streaming` then copies. Removed on exit unless `keep`."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, keep: bool = False):
+        self.path, self.keep = Path(path), keep
 
     def __enter__(self) -> SpillFile:
         self.out = open(self.path, "wb")
@@ -68,7 +68,8 @@ class SpillFile:
 
     def __exit__(self, *exc) -> None:
         self.out.close()
-        self.path.unlink(missing_ok=True)
+        if not self.keep:
+            self.path.unlink(missing_ok=True)
 
     def move(self, tensor: TensorProto) -> None:
         """Write an in-memory tensor's bytes to the file and point the tensor at them."""
@@ -112,5 +113,7 @@ def save_streaming(model: onnx.ModelProto, path: Path) -> Path:
             _point_to(tensor, data.name, offset, length)
     onnx.save(model, str(path))
     building.replace(data)
+    for stale in path.parent.glob(f"{path.name}.*.data"):  # other data files of this graph: all copied
+        stale.unlink()
     return data
 

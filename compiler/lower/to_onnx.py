@@ -40,9 +40,13 @@ def _rename_dynamic_dims(model: onnx.ModelProto, step: StepGraph) -> None:
                 dim.dim_param = size
 
 
-def export_onnx(step: StepGraph, path: Path, refs: dict[int, WeightRef] | None = None) -> Path:
+def export_onnx(step: StepGraph, path: Path, refs: dict[int, WeightRef] | None = None, compact: bool = True
+                ) -> Path:  # fmt: skip
     """Write one step graph as `path` (+ `path.data` holding the weights). `refs`: a by-reference
-    model's placeholders (`refs_by_storage`), whose weights are read from their checkpoint as written."""
+    model's placeholders (`refs_by_storage`), whose weights are read from their checkpoint as written.
+    `compact=False` (a graph quantised next, which rewrites the data anyway): packed q|k|v go to a
+    second file, `path.packed.data`, and the separate q, k, v stay in `path.data`, unread (no copy
+    of every weight on disk)."""
     path = Path(path).resolve()  # the rewrites below run in its folder
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # exporter chatter (torchvision ops, pytree notices)
@@ -67,9 +71,13 @@ def export_onnx(step: StepGraph, path: Path, refs: dict[int, WeightRef] | None =
     if not any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
         onnx.save(model, str(path))
         return path
-    with contextlib.chdir(path.parent), SpillFile(Path(f"{path.name}.spill")) as spill:
+    packed = Path(f"{path.name}.spill" if compact else f"{path.name}.packed.data")
+    with contextlib.chdir(path.parent), SpillFile(packed, keep=not compact) as spill:
         pack_attention_projections(model, spill)  # q|k|v read (external references resolve here), spilled
-        save_streaming(model, path)
+        if compact:
+            save_streaming(model, path)
+        else:
+            onnx.save(model, str(path))
     return path
 
 
@@ -85,8 +93,8 @@ def lower_to_onnx(ir: ModelIR, folder: Path) -> dict[str, dict]:
     for name, step in ir.graphs.items():
         if name == GraphName.STEP and GraphName.VERIFY in ir.graphs:
             continue
-        path = export_onnx(step, Path(folder) / f"{name}.onnx", refs)
         spec = ir.weight_quantization.get(name)
+        path = export_onnx(step, Path(folder) / f"{name}.onnx", refs, compact=spec is None)
         quantization = quantize_onnx_file(path, spec, ir.config.vocab_size, ir.weight_grid) if spec else None
         files[name] = {"file": path.name, "quantization": quantization}
     return files
