@@ -137,10 +137,11 @@ def pack_attention_projections(model: onnx.ModelProto, spill: SpillFile | None =
             continue
         prefix = f"{attention.name}_qkv"
         weights = [numpy_helper.to_array(initializers[matmul.input[1]]) for matmul, _ in parts]
-        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{prefix}_weight"))
+        packed_weight = numpy_helper.from_array(np.concatenate(weights, axis=1), f"{prefix}_weight")
         del weights
-        if spill is not None:
-            spill.move(graph.initializer[-1])
+        if spill is not None:  # before it joins the graph: a cleared field's bytes stay in the graph's arena
+            spill.move(packed_weight)
+        graph.initializer.append(packed_weight)
         new_nodes = [helper.make_node("MatMul", [parts[0][0].input[0], f"{prefix}_weight"], [f"{prefix}_out"],
                                       name=f"{prefix}_matmul")]  # fmt: skip
         if parts[0][1] is not None:

@@ -36,10 +36,12 @@ from skiptree.compiler.lower.quantize_grid import apply_grid
 from skiptree.compiler.specs import WeightQuantization
 from skiptree.models.gguf_grid import BLOCK
 
+CHUNK_BYTES = 512 << 20  # float weights quantised per ORT quantizer run
 
-def fold_transposed_weights(model: onnx.ModelProto) -> int:
-    """`MatMul(x, Transpose(W))` with W an initializer -> `MatMul(x, W_t)`, W_t stored transposed.
-    Returns how many were folded (the tied head; the original W stays for the embedding)."""
+
+def fold_transposed_weights(model: onnx.ModelProto, spill: SpillFile | None = None) -> int:
+    """`MatMul(x, Transpose(W))` with W an initializer -> `MatMul(x, W_t)`, W_t stored transposed
+    (in `spill` when given). Returns how many were folded (the tied head; W stays for the embedding)."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -60,6 +62,9 @@ def fold_transposed_weights(model: onnx.ModelProto) -> int:
         weight = numpy_helper.to_array(initializers[transpose.input[0]], base_dir="")
         name = f"{transpose.input[0]}_transposed"
         stored = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+        del weight
+        if spill is not None:  # before it joins the graph: a cleared field's bytes stay in the graph's arena
+            spill.move(stored)
         graph.initializer.append(stored)
         node.input[1] = stored.name
         folded.append(transpose)
@@ -89,6 +94,21 @@ def quantize_onnx_file(path: Path, spec: WeightQuantization, vocab_size: int,
     return done
 
 
+def _weight_chunks(model: onnx.ModelProto, exclude: set[str]) -> list[set[str]]:
+    """The graph's MatMul nodes (not in `exclude`) in groups of about CHUNK_BYTES of float weights:
+    one ORT quantizer run each (see `_quantize_model`)."""
+    sizes = {init.name: 4 * int(np.prod(init.dims)) for init in model.graph.initializer}
+    chunks, current, total = [], set(), 0
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.name not in exclude and node.input[1] in sizes:
+            current.add(node.name)
+            total += sizes[node.input[1]]
+            if total >= CHUNK_BYTES:
+                chunks.append(current)
+                current, total = set(), 0
+    return [*chunks, current] if current or not chunks else chunks
+
+
 def _spilling(quantize: Callable, spill: SpillFile) -> Callable:
     """A node quantizer whose new tensors go to `spill` as soon as each node is done (ORT's quantizer
     would hold every node's codes until the end)."""
@@ -107,24 +127,27 @@ def _quantize_model(model: onnx.ModelProto, spec: WeightQuantization, vocab_size
                     grid: dict[str, Any] | None, spill: SpillFile
                     ) -> tuple[onnx.ModelProto, dict[str, Any]]:  # fmt: skip
     before = sum(1 for node in model.graph.node if node.op_type == "MatMul")
-    count = len(model.graph.initializer)
-    folded = fold_transposed_weights(model) if spec.head else 0
-    spill.move_new(model.graph, count)
+    folded = fold_transposed_weights(model, spill) if spec.head else 0
     kept = [] if spec.head else head_matmuls(model, vocab_size)
     on_grid, added = {}, []
     if grid and spec.grid and spec.block_size == BLOCK:  # ggml's block: only then is it the one asked
         on_grid, added = apply_grid(model, grid, spec.accuracy_level, set(kept), spec.symmetric)
     logger = logging.getLogger("onnxruntime.quantization")
     level, logger.level = logger.level, logging.WARNING  # one INFO line per node otherwise
+    matmuls = {node.name for node in model.graph.node if node.op_type == "MatMul"}
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
-                                         is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
-                                         nodes_to_exclude=kept + added)  # fmt: skip
-        quantizer.node_quantizer.quantize = _spilling(quantizer.node_quantizer.quantize, spill)
-        quantizer.process()
+        for chunk in _weight_chunks(model, set(kept + added)):
+            others = sorted(matmuls - chunk)
+            quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
+                                             is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
+                                             nodes_to_exclude=kept + added + others)  # fmt: skip
+            quantizer.node_quantizer.quantize = _spilling(quantizer.node_quantizer.quantize, spill)
+            quantizer.process()
+            # A fresh message: the spilled codes' bytes, set then cleared, stay in the old one's arena.
+            model = onnx.ModelProto.FromString(quantizer.model.model.SerializeToString())
     finally:
         logger.level = level
-    quantized = quantizer.model.model
+    quantized = model
     kinds = [node.op_type for node in quantized.graph.node]
     return quantized, {**spec.to_json(), "quantized_matmuls": kinds.count("MatMulNBits"),
             "float_matmuls": kinds.count("MatMul"), "matmuls_before": before,
