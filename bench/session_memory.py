@@ -4,7 +4,8 @@ For each artifact and each setting of `SessionConfig` (prepacking, the CPU memor
 process loads the artifact with plain (not speculative) decoding and greedily generates
 --new-tokens tokens, --repeats times; it reports its resident memory after loading, its peak, and
 the median decode tok/s. One child per setting, so no setting inherits another's memory.
-Results: bench/results/session_memory.{json,md}, written after every artifact.
+Results: bench/results/session_memory.{json,md}, written after every artifact (replacing that
+artifact's earlier entry, keeping the others').
 
     .venv/bin/python bench/session_memory.py [--artifacts DIR,...] [--threads 2]
 """
@@ -97,6 +98,7 @@ def markdown(record: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", default=",".join(str(WORK / name) for name in DEFAULT_ARTIFACTS))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"some of: {', '.join(SETTINGS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,6 +117,9 @@ def main() -> None:
         "artifacts": [],
     }
     results = Path("bench/results")
+    earlier = results / "session_memory.json"  # entries of other artifacts (same threads) are kept
+    if earlier.is_file() and json.loads(earlier.read_text())["threads"] == args.threads:
+        record["artifacts"] = json.loads(earlier.read_text())["artifacts"]
     for artifact in [Path(a) for a in args.artifacts.split(",")]:
         if not (artifact / "manifest.json").is_file():
             print(f"{artifact}: no artifact, skipped (bench/compile_memory.py writes them)", file=sys.stderr)
@@ -127,7 +132,7 @@ def main() -> None:
             "target_bytes": int(1.3 * weights + kv_cache_bytes(artifact)),
             "settings": {},
         }
-        for setting in SETTINGS:
+        for setting in args.settings.split(","):
             command = [
                 sys.executable,
                 __file__,
@@ -148,7 +153,7 @@ def main() -> None:
                 else {"error": f"exit {run.returncode}: {run.stderr.strip()[-200:]}"}
             )
             print(artifact.name, setting, entry["settings"][setting], file=sys.stderr, flush=True)
-        record["artifacts"].append(entry)
+        record["artifacts"] = [e for e in record["artifacts"] if e["artifact"] != entry["artifact"]] + [entry]
         (results / "session_memory.json").write_text(json.dumps(record, indent=1) + "\n")
         (results / "session_memory.md").write_text(markdown(record))
 

@@ -123,21 +123,22 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
 def check_against_eager(ir: ModelIR, model: CausalLM, folder: Path, graphs: dict[GraphName, GraphEntry],
                         backend: BackendEntry, mode: DecodeMode, passage_ids: list[int] | None = None
                         ) -> CheckEntry:  # fmt: skip
-    """Prefill + decode a few tokens on both the lowered graphs (as decode mode `mode` runs them;
-    early exit never exiting) and eager torch (`model`, with the IR's weights); compare. With
-    `passage_ids` (a quantised artifact; at most max_seq_len tokens), also both perplexities on it."""
+    """Prefill + decode a few tokens on the lowered graphs (as decode mode `mode` runs them; early
+    exit never exiting), each token its argmax, then the whole sequence in one eager torch forward
+    (`model`, with the IR's weights: one pass over weights that may be read from disk); compare the
+    logits of every decoded position. With `passage_ids` (a quantised artifact; at most max_seq_len
+    tokens), also both perplexities on it."""
     stepper = ReferenceStepper(model, max_seq_len=ir.max_seq_len)
     opened = open_backend(folder, backend, graphs, SessionConfig(threads=0))
     lowered = step_model_of(opened, graphs, mode, ir.config.num_layers)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
     steps = min(CHECK_TOKENS, ir.max_seq_len - CHECK_TOKENS)
-    expected = [stepper.prefill(prompt)]
-    got = [lowered.prefill(prompt)]
+    got, tokens = [lowered.prefill(prompt)], list(prompt)
     for _ in range(steps):
-        token = int(np.argmax(expected[-1]))
-        expected.append(stepper.decode(token))
-        got.append(lowered.decode(token))
-    expected_arr, got_arr = np.stack(expected), np.stack(got)
+        tokens.append(int(np.argmax(got[-1])))
+        got.append(lowered.decode(tokens[-1]))
+    expected_arr = stepper.forward(tokens)[len(prompt) - 1 :].float().numpy()
+    got_arr = np.stack(got)
     ppl = {}
     if passage_ids and len(passage_ids) >= 2 and mode != DecodeMode.EARLY_EXIT:
         stepper.length = lowered.cache.length = 0
@@ -146,7 +147,7 @@ def check_against_eager(ir: ModelIR, model: CausalLM, folder: Path, graphs: dict
         ppl = {"float_perplexity": perplexity(reference, passage_ids),
                "perplexity": perplexity(ours, passage_ids)}  # fmt: skip
     return CheckEntry(
-        steps=len(expected),
+        steps=len(got),
         max_abs_logit_error=float(np.abs(expected_arr - got_arr).max()),
         argmax_agreement=float((expected_arr.argmax(-1) == got_arr.argmax(-1)).mean()),
         **ppl,

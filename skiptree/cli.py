@@ -63,6 +63,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         tvm_trials_per_task=args.tvm_trials_per_task,
         quantize=args.quantize,
         draft_quantize=args.draft_quantize,
+        check=not args.no_check,
     )
     if args.tuned is not None:
         # torch-heavy, like the imports above: only --tuned needs the weights' hash
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use a finished tuning session's choice (drafter and tree, or plain)")
     comp.add_argument("--force", action="store_true",
                       help="with --tuned: accept a session tuned on another machine or model")
+    comp.add_argument("--no-check", action="store_true",
+                      help="skip running the lowered graphs against eager torch (the check loads the "
+                           "artifact, as generate does, and reads the float weights once more)")
     comp.set_defaults(run=cmd_compile)
 
     tune = commands.add_parser("tune", help="measure this machine and choose the draft tree (resumable)")
