@@ -8,6 +8,7 @@ place only when complete (the manifest, with every file's sha256, is written las
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import resource
 import shutil
@@ -127,8 +128,8 @@ def check_against_eager(ir: ModelIR, model: CausalLM, folder: Path, graphs: dict
     exit never exiting), each token its argmax, then the whole sequence in one eager torch forward
     (`model`, with the IR's weights: one pass over weights that may be read from disk); compare the
     logits of every decoded position. With `passage_ids` (a quantised artifact; at most max_seq_len
-    tokens), also both perplexities on it."""
-    stepper = ReferenceStepper(model, max_seq_len=ir.max_seq_len)
+    tokens), also both perplexities on it. The lowered graphs are closed before eager torch runs:
+    the check never holds the artifact and eager weights at once."""
     opened = open_backend(folder, backend, graphs, SessionConfig(threads=0))
     lowered = step_model_of(opened, graphs, mode, ir.config.num_layers)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, ir.config.vocab_size, CHECK_TOKENS)]
@@ -137,15 +138,20 @@ def check_against_eager(ir: ModelIR, model: CausalLM, folder: Path, graphs: dict
     for _ in range(steps):
         tokens.append(int(np.argmax(got[-1])))
         got.append(lowered.decode(tokens[-1]))
-    expected_arr = stepper.forward(tokens)[len(prompt) - 1 :].float().numpy()
     got_arr = np.stack(got)
+    with_passage = bool(passage_ids) and len(passage_ids) >= 2 and mode != DecodeMode.EARLY_EXIT
+    if with_passage:
+        lowered.cache.length = 0
+        ours = perplexity(lowered.forward(passage_ids, ("logits",))[0], passage_ids)
+    del opened, lowered  # the sessions, and the artifact's weights with them
+    gc.collect()
+    stepper = ReferenceStepper(model, max_seq_len=ir.max_seq_len)
+    expected_arr = stepper.forward(tokens)[len(prompt) - 1 :].float().numpy()
     ppl = {}
-    if passage_ids and len(passage_ids) >= 2 and mode != DecodeMode.EARLY_EXIT:
-        stepper.length = lowered.cache.length = 0
+    if with_passage:
+        stepper.length = 0
         reference = stepper.forward(passage_ids).float().numpy()
-        ours = lowered.forward(passage_ids, ("logits",))[0]
-        ppl = {"float_perplexity": perplexity(reference, passage_ids),
-               "perplexity": perplexity(ours, passage_ids)}  # fmt: skip
+        ppl = {"float_perplexity": perplexity(reference, passage_ids), "perplexity": ours}
     return CheckEntry(
         steps=len(got),
         max_abs_logit_error=float(np.abs(expected_arr - got_arr).max()),
