@@ -160,15 +160,13 @@ def check_against_eager(ir: ModelIR, model: CausalLM, folder: Path, graphs: dict
     )
 
 
-def eager_model(folder: Path, dtype: torch.dtype, log: Callable[[str], None]) -> CausalLM:
-    """The model for eager work (the check, calibrations): held in memory up to EAGER_IN_MEMORY_BYTES
-    of weights, else by reference with each module's weights read while it runs (slower, bounded)."""
-    model = load_model(folder, dtype, by_reference=True)
-    size = sum(param.numel() * param.element_size() for param in model.parameters())
+def eager_model(folder: Path, dtype: torch.dtype, size: int, log: Callable[[str], None]) -> CausalLM:
+    """The model for eager work (calibrations) with `size` bytes of weights: held in memory up to
+    EAGER_IN_MEMORY_BYTES, else by reference, each module's weights read while it runs (slower, bounded)."""
     if size <= EAGER_IN_MEMORY_BYTES:
         return load_model(folder, dtype)
     log(f"         eager torch reads its {size / (1 << 30):.1f} GB of weights module by module (not held)")
-    return stream_weights(model)
+    return stream_weights(load_model(folder, dtype, by_reference=True))
 
 
 def calibration_prompts(options: CompileOptions, tokenizer: Tokenizer) -> list[list[int]]:
@@ -227,7 +225,8 @@ def compile_model(
     phase(f"loading weights from {folder}{' by reference' if by_reference else ''}")
     dtype = getattr(torch, options.dtype)
     model = load_model(folder, dtype, by_reference=by_reference)
-    eager = functools.cache(lambda: eager_model(folder, dtype, log) if by_reference else model)
+    weight_bytes = sum(param.numel() * param.element_size() for param in model.parameters())
+    eager = functools.cache(lambda: eager_model(folder, dtype, weight_bytes, log) if by_reference else model)
     options = options.validate(model.config.max_position_embeddings)
     tokenizer = Tokenizer.from_folder(folder)
     phase(f"tracing the step graph (max_seq_len {options.max_seq_len})")
@@ -252,7 +251,7 @@ def compile_model(
         if options.check:
             phase("checking the lowered graph against eager torch")
             passage = tokenizer.encode(PASSAGE)[: ir.max_seq_len] if options.quantize else None  # what fits
-            # A few steps: by reference, eager torch reads each module's weights as it runs (not held).
+            # One eager pass: by reference, each module's weights are read as it runs (not held).
             reference = stream_weights(load_model(folder, dtype, True)) if by_reference else model
             check = check_against_eager(ir, reference, building, graphs, backend, mode, passage)
             log(f"         max |logit error| {check.max_abs_logit_error:.2e}, "

@@ -1,13 +1,14 @@
 """Weights by reference: a model whose parameters stay in the checkpoint until one is needed.
 
-`load_by_reference` builds the model with placeholder parameters (`torch.empty`: address space the
-kernel backs with memory only when written, and nothing writes them) and records for each one a
-`WeightRef`: the safetensors file, the tensor's byte range, and the transform our layout needs
-(GPT-2's Conv1D transpose, the cast to the compile dtype). Tracing and export see only shapes; the
-ONNX lowering writes each weight from its reference (`compiler/lower/to_onnx.py`), and eager work
-on a model too large to hold (`stream_weights`) reads each module's weights for the duration of its
-call. A tensor is read with plain file reads, never memory-mapped: mapped pages would count in the
-process's resident memory for as long as the mapping lives.
+`load_model(folder, dtype, by_reference=True)` (models/loader.py) builds the model with placeholder
+parameters (`torch.empty`: address space the kernel backs with memory only when written, and
+nothing writes them) and records for each one a `WeightRef`: the safetensors file, the tensor's
+byte range, and the transform our layout needs (GPT-2's Conv1D transpose, the cast to the compile
+dtype). Tracing and export see only shapes; the ONNX lowering writes each weight from its reference
+(`compiler/lower/to_onnx.py`), and eager work on a model too large to hold (`stream_weights`) reads
+each module's weights for the duration of its call. A tensor is read with plain file reads, never
+memory-mapped: mapped pages would count in the process's resident memory for as long as the mapping
+lives.
 """
 
 from __future__ import annotations
