@@ -116,7 +116,9 @@ def lower(ir: ModelIR, building: Path, options: CompileOptions, phase: Callable[
     max_tree = options.verify_tokens  # verify's prefill chunk, also without a drafter
     graphs = {GraphName(name): GraphEntry.from_json({
         **entry, "signature": ir.graphs[name].signature_json(),
-        "max_tree": max_tree if name == GraphName.VERIFY else None}, f"graphs.{name}")
+        "max_tree": max_tree if name == GraphName.VERIFY else None,
+        "max_batch": options.max_batch if name == GraphName.VERIFY and options.max_batch > 1 else None},
+        f"graphs.{name}")
         for name, entry in files.items()}  # fmt: skip
     return graphs, BackendEntry.from_json(backend, "backend")
 

@@ -49,6 +49,7 @@ class CompileOptions:
     draft: DraftSpec | None = None  # None: plain; lookup+recycle+corpus:PATH; self:...; feature-head:W; model
     tree: TreeShape = "chain:4"  # chain:K, k-ary:WxD, k-ary:WxD+chain:K or a JSON file (runtime/tree.py)
     max_tree: int = 64  # largest tree (root included) the verify graph accepts
+    max_batch: int = 1  # > 1: the verify graph takes that many requests' trees in one call (`skiptree serve`)
     prefill_chunk: int = 256  # prompt tokens a call of a plain artifact prefills (bench/results/README.md)
     dtype: str = "float32"  # "float64" for exact-arithmetic tests on tiny models
     draft_adapter: Path | None = None  # a trained exit adapter for --draft self:exit=E (skiptree tune)
@@ -117,6 +118,13 @@ class CompileOptions:
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise CompileOptionError(f"--max-seq-len {self.max_seq_len} is below 2",
                                      "pass at least 2 (prompt + output tokens)")  # fmt: skip
+        if self.max_batch < 1:
+            raise CompileOptionError(f"--max-batch {self.max_batch} is not a request count",
+                                     "pass 1 or more (requests one verify call serves)")  # fmt: skip
+        if self.max_batch > 1 and (self.backend != "onnxruntime" or self.early_exit
+                                   or isinstance(self.draft, SelfDraftSpec)):
+            raise CompileOptionError("--max-batch > 1 needs --backend onnxruntime and no early exit or "
+                                     "self-draft", "drop --max-batch, or those options")  # fmt: skip
         if self.backend == "tvm":
             self._check_tvm()
         elif self.tvm_database is not None or self.tvm_trials:

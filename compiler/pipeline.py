@@ -39,7 +39,7 @@ def build_pipeline(options: CompileOptions, draft_vocab: tuple[int, ...] = ()) -
     first_layer = self_draft.exit_layer if self_draft and self_draft.kind == "exit" else 0
     fused = options.backend == "onnxruntime"  # ORT's GroupQueryAttention; TVM keeps the decomposed ops
     plain = options.plain_decoding  # early exit needs the step graph
-    verify = InsertTreeVerify(options.verify_tokens, first_layer, fused, plain_decoding=plain)
+    verify = InsertTreeVerify(options.verify_tokens, first_layer, fused, plain, options.max_batch)
     verification: list[Pass] = [verify] if options.draft or plain else []
     cleanup: list[Pass] = [EliminateDeadCode()]
     roles = (("target", options.quantize), ("draft", options.draft_quantize))

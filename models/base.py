@@ -11,7 +11,7 @@ A step is one pure function of its inputs:
     k_cache     L tensors [B, Hkv, S, D] (a list, or the rows of one [L, B, Hkv, S, D] tensor),
     v_cache     preallocated to S = max_seq_len slots; one tensor per layer so a lowered graph
                 has one cache input per layer and never gathers (copies) a layer out of a stack
-    write_slots int64 [T]             cache slot that receives token t's K/V (written in place
+    write_slots int64 [T] or [B, T]   cache slot that receives token t's K/V (written in place
                                       before attention, so a token can attend itself)
     logits      float [B, T, V]
 
@@ -156,7 +156,7 @@ def attend(
     index = (
         torch.arange(batch).view(batch, 1, 1, 1),
         torch.arange(kv_heads).view(1, kv_heads, 1, 1),
-        write_slots.view(1, 1, steps, 1),
+        write_slots.view(-1, 1, steps, 1) if write_slots.dim() == 2 else write_slots.view(1, 1, steps, 1),
         torch.arange(dim).view(1, 1, 1, dim),
     )
     k_cache.index_put_(index, k_new)

@@ -36,11 +36,12 @@ from skiptree.runtime.manifest import GraphName
 
 
 def tree_ancestors(parents: torch.Tensor, squarings: int) -> torch.Tensor:
-    """[T, T] float, A[i, j] = 1 iff j is i or an ancestor of i. parents[0] (the root) is ignored."""
-    steps = parents.shape[0]
+    """[..., T, T] float, A[i, j] = 1 iff j is i or an ancestor of i, for parents [..., T] (one tree,
+    or a batch of trees). parents[0] (the root) is ignored."""
+    steps = parents.shape[-1]
     nodes = torch.arange(steps)
     # where(), not clamp(min=0): TVM legalises an int clamp's open bound as an infinite int
-    edges = (torch.where(parents > 0, parents, 0)[:, None] == nodes[None, :]) & (nodes[:, None] > 0)
+    edges = (torch.where(parents > 0, parents, 0)[..., :, None] == nodes[None, :]) & (nodes[:, None] > 0)
     reach = (edges | (nodes[:, None] == nodes[None, :])).float()
     for _ in range(squarings):  # after k squarings, paths of length up to 2^k are covered
         reach = (reach @ reach).clamp(max=1.0)
@@ -56,8 +57,9 @@ class TreeVerifyModule(nn.Module):
     """
 
     def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int, first_layer: int = 0,
-                 fused_attention: bool = False, causal: bool = False):  # fmt: skip
+                 fused_attention: bool = False, causal: bool = False, batched: bool = False):  # fmt: skip
         super().__init__()
+        self.batched = batched  # a batch of trees: tokens [B, T], parents [B, T], prefix_len [B]
         self.model = model
         self.fused_attention = fused_attention
         self.max_seq_len = max_seq_len
@@ -66,6 +68,8 @@ class TreeVerifyModule(nn.Module):
         self.layers = list(range(first_layer, model.config.num_layers))
 
     def forward(self, tokens, parents, prefix_len, *caches):
+        if self.batched:
+            return self.forward_batch(tokens, parents, prefix_len, caches)
         steps = tokens.shape[1]
         if self.causal:  # a chain's closure, without the squarings (O(T^3): prefill runs long chunks)
             nodes = torch.arange(steps)
@@ -95,13 +99,39 @@ class TreeVerifyModule(nn.Module):
             logits = self.model.finish(x)
         return (logits.argmax(-1)[0], logits, x, *caches)
 
+    def forward_batch(self, tokens, parents, prefix_len, caches):
+        """A batch of trees, one per cache row: every row computed as it would be alone, so a
+        request's tokens do not depend on its batch. Decomposed attention: ORT's GroupQueryAttention
+        takes a batch only one token per row. Returns next_ids [B, T]."""
+        steps = tokens.shape[1]
+        if self.causal:  # chains (plain decoding): the triangle, as `forward`
+            nodes = torch.arange(steps)
+            ancestors = (nodes[None, :] <= nodes[:, None]).float().expand(tokens.shape[0], -1, -1)
+        else:
+            ancestors = tree_ancestors(parents, self.squarings)  # [B, T, T]
+        positions = prefix_len[:, None] + ancestors.sum(-1).to(torch.int64) - 1  # [B, T]
+        write_slots = prefix_len[:, None] + torch.arange(steps)
+        slots = torch.arange(self.max_seq_len)
+        visible = (slots[None, None, :] < prefix_len[:, None, None]).expand(-1, steps, -1).float()
+        visible = visible.scatter(2, write_slots[:, None, :].expand(-1, steps, -1), ancestors)
+        dtype = caches[0].dtype
+        zero = torch.zeros((), dtype=dtype)
+        bias = torch.where(visible > 0, zero, torch.full((), mask_value(dtype), dtype=dtype))[:, None]
+        x, context = self.model.embed_step(tokens, positions)
+        count = len(self.layers)
+        for j, layer in enumerate(self.layers):
+            x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
+        logits = self.model.finish(x)
+        return (logits.argmax(-1), logits, x, *caches)
+
     def fused_layers(self, x, positions, prefix_len, bias, caches):
         """The layers and the head through the model's fused ops (ONNX Runtime): attention appends at
         slots prefix_len + i (the write slots above) and rotates by `positions` itself. Returns the
         logits, the last layer's output and the new caches."""
         total = prefix_len + x.shape[1]
         cos, sin = rotary_tables(self.model.inv_freq, self.max_seq_len)
-        lengths = ((total - 1).to(torch.int32), total.to(torch.int32).reshape(()))
+        longest = total.max() if self.batched else total.reshape(())  # a batch: rows of their own lengths
+        lengths = ((total - 1).to(torch.int32), longest.to(torch.int32))
         attention = (*lengths, cos, sin, positions, bias)
         count, keys, values, pending = len(self.layers), [], [], None
         for j, layer in enumerate(self.layers):
@@ -145,30 +175,43 @@ class InsertTreeVerify(Pass):
     first_layer: int = 0
     fused_attention: bool = False  # ONNX Runtime: one GroupQueryAttention per layer where the model allows
     plain_decoding: bool = False
+    max_batch: int = 1  # > 1: "verify" takes a batch of trees, one per cache row (attention unfused)
     name = "InsertTreeVerify"
 
     def run(self, ir: ModelIR) -> PassResult:
         model, max_len = ir.model, ir.max_seq_len
         max_tree = min(self.max_tree, max_len)
         layers = list(range(self.first_layer, ir.config.num_layers))
-        caches = example_caches(model, max_len, layers)
+        batched = self.max_batch > 1
+        caches = example_caches(model, max_len, layers, batch=2 if batched else 1)
         dtype = str(caches[0].dtype).removeprefix("torch.")
-        if self.first_layer:
+        if batched:
+            example = [("tokens", torch.zeros(2, 3, dtype=torch.int64), {0: "B", 1: "T"}),
+                       ("parents", torch.tensor([[0, 0, 1], [0, 0, 0]]), {0: "B", 1: "T"}),
+                       ("prefix_len", torch.tensor([1, 2]), {0: "B"})]  # fmt: skip
+        elif self.first_layer:
             first = ("hidden", torch.zeros(1, 3, ir.config.hidden_size, dtype=caches[0].dtype), {1: "T"})
         else:
             first = ("tokens", torch.zeros(1, 3, dtype=torch.int64), {1: "T"})
-        example = [first,
-                   ("parents", torch.tensor([0, 0, 1]), {0: "T"}),
-                   ("prefix_len", torch.tensor([1]), {})]  # fmt: skip
-        outputs = [TensorSpec("next_ids", "int64", ("T",)),
-                   TensorSpec("logits", dtype, (1, "T", ir.config.vocab_size)),
-                   TensorSpec("features", dtype, (1, "T", ir.config.hidden_size))]  # fmt: skip
-        fused = self.fused_attention and model.supports_fused_attention()
+        if not batched:
+            example = [first,
+                       ("parents", torch.tensor([0, 0, 1]), {0: "T"}),
+                       ("prefix_len", torch.tensor([1]), {})]  # fmt: skip
+        rows = ("B",) if batched else (1,)
+        outputs = [TensorSpec("next_ids", "int64", (*rows[:batched], "T")),
+                   TensorSpec("logits", dtype, (*rows, "T", ir.config.vocab_size)),
+                   TensorSpec("features", dtype, (*rows, "T", ir.config.hidden_size))]  # fmt: skip
+        # ORT's GroupQueryAttention takes a batch of one-token rows only: a batch of trees attends unfused
+        fused = self.fused_attention and model.supports_fused_attention() and not batched
+        if batched and self.first_layer:
+            raise ValueError("a batched verify graph verifies from layer 0 (no prefix-exit self-draft)")
         if self.plain_decoding and not fused:
             return PassResult(ir, False)  # unfused, the verify graph is no faster than "step"
-        verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused, self.plain_decoding)
+        verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused, self.plain_decoding,
+                                  batched)  # fmt: skip
         name = GraphName.VERIFY
-        ir.graphs[name] = export_with_caches(name, verify, example, caches, outputs, max_tree, layers)
+        ir.graphs[name] = export_with_caches(name, verify, example, caches, outputs, max_tree, layers,
+                                             self.max_batch if batched else None)  # fmt: skip
         if not self.plain_decoding:  # compaction moves every layer's K/V after a tree
             caches = example_caches(model, max_len)
             moves = [("from_slots", torch.tensor([3, 4, 5]), {0: "T"}),

@@ -73,23 +73,9 @@ class Runtime(TextGenerator):
             return self.step_model.draft_graph
         return self.backend.graph(name, self.step_model.cache)
 
-    def _table_source(self, name: str, spec: DrafterEntry) -> CandidateSource:
-        if name == "prompt-lookup":
-            return PromptLookupDrafter()
-        if name == "recycle":
-            warm = spec.recycle
-            state = load_file(str(self.folder / warm.file)) if warm else {}  # no warm table: starts empty
-            return RecyclingDrafter(self.manifest.model.config["vocab_size"], state=state)
-        if name == "corpus" and spec.corpus is not None:
-            stored = load_file(str(self.folder / spec.corpus.file))
-            return CorpusDrafter(CorpusIndex(stored["tokens"], stored["suffix_array"]))
-        raise ModelSourceError(f"the artifact's drafter source '{name}' is unknown to this skiptree",
-                               "recompile the artifact with this version")  # fmt: skip
-
     def _drafter(self, spec: DrafterEntry) -> Drafter:
-        names = spec.sources or ((spec.drafter,) if spec.drafter in TABLE_SOURCES else ())
-        if names:  # free drafters, one or merged
-            sources = [self._table_source(name, spec) for name in names]
+        sources = free_sources(self.folder, self.manifest, spec)
+        if sources:  # free drafters, one or merged
             cost = spec.verify_cost
             return MergedDrafter(sources, VerifyCost(cost.nodes, cost.ratio, cost.paired) if cost else None)
         if spec.feature_head is not None:
@@ -158,6 +144,27 @@ class Runtime(TextGenerator):
                     f"{early.num_layers} layers on average")  # fmt: skip
         return (f"{backend.name} {backend.version} artifact, {self.manifest.model.source}, "
                 f"{self.precision}{mode}")  # fmt: skip
+
+
+def table_source(folder: Path, manifest: Manifest, name: str, spec: DrafterEntry) -> CandidateSource:
+    """A free drafter of the artifact: prompt lookup, recycling (warm table if stored), corpus lookup."""
+    if name == "prompt-lookup":
+        return PromptLookupDrafter()
+    if name == "recycle":
+        warm = spec.recycle
+        state = load_file(str(folder / warm.file)) if warm else {}  # no warm table: starts empty
+        return RecyclingDrafter(manifest.model.config["vocab_size"], state=state)
+    if name == "corpus" and spec.corpus is not None:
+        stored = load_file(str(folder / spec.corpus.file))
+        return CorpusDrafter(CorpusIndex(stored["tokens"], stored["suffix_array"]))
+    raise ModelSourceError(f"the artifact's drafter source '{name}' is unknown to this skiptree",
+                           "recompile the artifact with this version")  # fmt: skip
+
+
+def free_sources(folder: Path, manifest: Manifest, spec: DrafterEntry) -> list[CandidateSource]:
+    """The artifact's free drafters (no weights, no graph), [] when it drafts otherwise."""
+    names = spec.sources or ((spec.drafter,) if spec.drafter in TABLE_SOURCES else ())
+    return [table_source(folder, manifest, name, spec) for name in names]
 
 
 class OnnxBackend:

@@ -172,6 +172,7 @@ class GraphEntry(Entry):
     signature: dict[str, Any]  # inputs, outputs, in-place cache writes (compiler/ir/graph.py)
     quantization: dict[str, Any] | None = None  # onnxruntime: weight-only MatMulNBits, if quantised
     max_tree: int | None = None  # verify: the largest tree (root included), also its prefill chunk
+    max_batch: int | None = None  # verify: > 1 when it takes a batch of trees (one per cache row)
     params: tuple[str, ...] | None = None  # tvm: the weight keys the graph takes
     static_tokens: tuple[int, ...] | None = None  # tvm: token counts with a static (tunable) entry
 

@@ -89,12 +89,12 @@ def is_cache(name: str) -> bool:
 class KVCache:
     """The K and V buffers of one model, `[L, B, Hkv, S, D]`, and how many slots are filled."""
 
-    def __init__(self, signature: dict, num_layers: int | None = None):
+    def __init__(self, signature: dict, num_layers: int | None = None, batch: int = 1):
         """Shaped like the cache inputs of a graph's `signature`; `num_layers` when the graph runs
-        only some of the model's layers."""
+        only some of the model's layers; `batch` rows when the graph takes a batch ("B")."""
         specs = [spec for spec in signature["inputs"] if is_cache(spec["name"])]
         self.num_layers = num_layers or len(specs) // 2
-        self.layer_shape = [int(d) for d in specs[0]["shape"]]  # [B, Hkv, S, D]
+        self.layer_shape = [batch if d == "B" else int(d) for d in specs[0]["shape"]]  # [B, Hkv, S, D]
         self.max_seq_len = self.layer_shape[2]
         self.dtype = np.dtype(specs[0]["dtype"])
         self.k = np.zeros((self.num_layers, *self.layer_shape), self.dtype)
@@ -117,19 +117,39 @@ class OnnxGraph:
         self.cache = cache
         self.binding = self.session.io_binding()
         self.cache_layers = [(name, buffer) for name, buffer in cache.layers() if name in self.session_inputs]
-        for name, buffer in self.cache_layers:
-            self.binding.bind_input(name, "cpu", 0, cache.dtype, cache.layer_shape, buffer.ctypes.data)
         self.bound_outputs: tuple[str, ...] | None = None  # the requested outputs bound after the cache's
+        self.bind_rows(0, cache.layer_shape[0])
+        ranks = {spec.name: len(spec.shape) for spec in self.session.get_inputs()}
+        self.batched = ranks.get("parents") == 2  # a batch of trees: one per cache row (`skiptree serve`)
 
     def run(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
-        """Run with the given non-cache inputs; returns the requested outputs, in order."""
+        """Run with the given non-cache inputs; returns the requested outputs, in order. A batched
+        verify graph called with one tree (`parents` [T]) runs it as a batch of one, answered as one."""
+        single = self.batched and "parents" in inputs and inputs["parents"].ndim == 1
+        if single:
+            inputs = {**inputs, "parents": inputs["parents"][None]}
+        values = self._run(inputs, outputs)
+        return [value[0] if single and name == "next_ids" else value
+                for name, value in zip(outputs, values, strict=True)]  # fmt: skip
+
+    def bind_rows(self, lo: int, hi: int) -> None:
+        """Bind the cache's rows lo..hi-1 (one contiguous block per layer) as the graph's cache."""
+        self.rows, shape = (lo, hi), [hi - lo, *self.cache.layer_shape[1:]]
+        self.binding.clear_binding_inputs()
+        for name, buffer in self.cache_layers:
+            self.binding.bind_input(name, "cpu", 0, self.cache.dtype, shape, buffer[lo].ctypes.data)
+        self.bound_outputs = None
+
+    def _run(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
         for name, value in inputs.items():
             self.binding.bind_cpu_input(name, value)
         if outputs != self.bound_outputs:  # the cache's outputs stay bound while the request is the same
             self.binding.clear_binding_outputs()
+            lo, hi = self.rows
+            shape = [hi - lo, *self.cache.layer_shape[1:]]
             for name, buffer in self.cache_layers:
-                self.binding.bind_output(f"{name}_out", "cpu", 0, self.cache.dtype, self.cache.layer_shape,
-                                         buffer.ctypes.data)  # fmt: skip
+                self.binding.bind_output(f"{name}_out", "cpu", 0, self.cache.dtype, shape,
+                                         buffer[lo].ctypes.data)  # fmt: skip
             self.bound_outputs = outputs
         for name in outputs:  # re-bound every call (in place): ORT keeps the last run's shapes otherwise
             self.binding.bind_output(name, "cpu")

@@ -64,6 +64,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         draft_quantize=args.draft_quantize,
         check=not args.no_check,
+        max_batch=args.max_batch,
     )
     if args.tuned is not None:
         # torch-heavy, like the imports above: only --tuned needs the weights' hash
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use a finished tuning session's choice (drafter and tree, or plain)")
     comp.add_argument("--force", action="store_true",
                       help="with --tuned: accept a session tuned on another machine or model")
+    comp.add_argument("--max-batch", type=int, default=1, metavar="N",
+                      help="one verify call serves up to N requests (for `skiptree serve`; ONNX Runtime)")
     comp.add_argument("--no-check", action="store_true",
                       help="skip running the lowered graphs against eager torch (the check loads the "
                            "artifact, as generate does, and reads the float weights once more)")

@@ -65,10 +65,10 @@ def example_step_inputs(model: CausalLM, max_seq_len: int, steps: int = 3) -> tu
     )
 
 
-def example_caches(model: CausalLM, max_seq_len: int, layers: Sequence[int] | None = None
+def example_caches(model: CausalLM, max_seq_len: int, layers: Sequence[int] | None = None, batch: int = 1
                    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """k{i}, then v{i} for each layer i (default all): zeroed caches, each its own tensor (not a view)."""
-    k_cache, v_cache = model.new_kv_cache(1, max_seq_len)
+    k_cache, v_cache = model.new_kv_cache(batch, max_seq_len)
     layers = range(model.config.num_layers) if layers is None else layers
     return (*(k_cache[i].clone() for i in layers), *(v_cache[i].clone() for i in layers))
 
@@ -86,20 +86,25 @@ def export_with_caches(
     outputs: list[TensorSpec],
     max_tokens: int,
     layers: Sequence[int] | None = None,
+    max_batch: int | None = None,
 ) -> StepGraph:
     """Export `module(*inputs, *caches) -> (*outputs, *updated caches)` into a `StepGraph`.
 
     `inputs` are (name, example, {dim: "T"}); every dim named "T" is one dynamic token count in
-    [1, max_tokens]. The caches (k{i}, then v{i}, for `layers`, default all) are updated in place
-    and returned.
+    [1, max_tokens], every dim named "B" one dynamic batch in [1, max_batch] (the caches' first dim
+    too). The caches (k{i}, then v{i}, for `layers`, default all) are updated in place and returned.
     """
-    tokens = torch.export.Dim("T", min=1, max=max(max_tokens, 2))  # unused by static graphs
+    named = {"T": torch.export.Dim("T", min=1, max=max(max_tokens, 2))}  # unused by static graphs
+    if max_batch:
+        named["B"] = torch.export.Dim("B", min=1, max=max_batch)
+    cache_dims = {0: "B"} if max_batch else {}
     # positional (the forward's argument names may differ from the input names), caches last
-    dynamic = (*({dim: tokens for dim in dims} or None for _, _, dims in inputs), (None,) * len(caches))
+    dynamic = (*({dim: named[name] for dim, name in dims.items()} or None for _, _, dims in inputs),
+               tuple({dim: named[name] for dim, name in cache_dims.items()} or None for _ in caches))
     example = (*(value for _, value, _ in inputs), *caches)
     program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic)
     names = cache_names(layers or len(caches) // 2)
-    cache_specs = [_spec(cache, value, {}) for cache, value in zip(names, caches, strict=True)]
+    cache_specs = [_spec(cache, value, cache_dims) for cache, value in zip(names, caches, strict=True)]
     input_specs = [_spec(input_name, value, dims) for input_name, value, dims in inputs] + cache_specs
     cache_outputs = [TensorSpec(f"{spec.name}_out", spec.dtype, spec.shape) for spec in cache_specs]
     output_specs = [*outputs, *cache_outputs]
