@@ -44,7 +44,7 @@ class BatchRows:
             parents = np.concatenate([parents, np.zeros((rows, 1), dtype=np.int64)], axis=1)
         prefix = self.lengths[lo : lo + rows]
         if int(prefix.max()) + tokens.shape[1] > self.max_seq_len:
-            raise ValueError(f"a tree of {tokens.shape[1]} tokens overflows a row of {self.max_seq_len} slots")
+            raise ValueError(f"{tokens.shape[1]} tokens overflow a row of {self.max_seq_len} slots")
         self._bind(lo, lo + rows)
         inputs = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64),
                   "parents": np.ascontiguousarray(parents, dtype=np.int64),

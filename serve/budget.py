@@ -57,7 +57,8 @@ def measure_batch_cost(run, max_rows: int, max_tokens: int, repeats: int = 3,
                 times.append(time.perf_counter() - start)
             row.append(float(np.median(times)))
         table.append(tuple(row))
-        log(f"batch of {rows}: " + ", ".join(f"T={t} {s * 1e3:.1f} ms" for t, s in zip(tokens, row, strict=True)))
+        timings = ", ".join(f"T={t} {s * 1e3:.1f} ms" for t, s in zip(tokens, row, strict=True))
+        log(f"batch of {rows}: {timings}")
     return BatchCost(tokens, tuple(table))
 
 

@@ -25,7 +25,7 @@ from skiptree.runtime.batch_step import BatchRows
 from skiptree.runtime.draft_gate import RankAcceptance, node_probabilities
 from skiptree.runtime.drafters import CandidateSource, Draft
 from skiptree.runtime.merged_draft import MergedDrafter
-from skiptree.runtime.sampling import SamplingConfig, choose_token, sampling_probabilities
+from skiptree.runtime.sampling import SamplingConfig, choose_token
 from skiptree.runtime.tree import TreeShape
 from skiptree.runtime.verify import accept_greedy, children_of
 from skiptree.serve.budget import BatchCost, likeliest_first, plan_tokens
@@ -247,9 +247,9 @@ class BatchEngine:
         for index, (request, nodes) in enumerate(zip(requests, probabilities, strict=True)):
             kept = sorted(likeliest_first(nodes)[: steps - 1]) if nodes else []
             renumber = {old: new for new, old in enumerate(kept)}
-            draft = request.draft
-            tree_tokens = [request.tokens[-1], *(draft.tokens[old] for old in kept)] if draft else [request.tokens[-1]]
-            tree_parents = [0, *(renumber.get(draft.parents[old], -1) + 1 for old in kept)] if draft else [0]
+            draft = request.draft or Draft()
+            tree_tokens = [request.tokens[-1], *(draft.tokens[old] for old in kept)]
+            tree_parents = [0, *(renumber.get(draft.parents[old], -1) + 1 for old in kept)]
             tokens[index, : len(tree_tokens)] = tree_tokens
             tokens[index, len(tree_tokens) :] = tree_tokens[0]  # padding: copies of the root, its children
             parents[index, : len(tree_parents)] = tree_parents
@@ -259,7 +259,8 @@ class BatchEngine:
         outputs = ("next_ids", "logits") if wants else ("next_ids",)
         values = self.rows.run(0, tokens, parents, outputs)
         results = []
-        for index, (request, (tree_tokens, tree_parents, kept)) in enumerate(zip(requests, trees, strict=True)):
+        for index, request in enumerate(requests):
+            tree_tokens, tree_parents, kept = trees[index]
             size = len(tree_tokens)
             request.target_steps += 1
             if request.sampling.do_sample:

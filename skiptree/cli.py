@@ -214,6 +214,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from skiptree.serve.launch import ServeOptions, serve
+
+    serve(ServeOptions(args.artifact, args.host, args.port, args.max_batch, args.api_key, args.threads,
+                       not args.no_speculation, args.max_queue), log=_log)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skiptree",
@@ -268,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --tuned: accept a session tuned on another machine or model")
     comp.add_argument("--max-batch", type=int, default=1, metavar="N",
                       help="one verify call serves up to N requests (for `skiptree serve`; ONNX Runtime)")
+    comp.add_argument("--max-batch", type=int, default=1, metavar="N",
+                      help="one verify call serves up to N requests (for `skiptree serve`; ONNX Runtime)")
     comp.add_argument("--no-check", action="store_true",
                       help="skip running the lowered graphs against eager torch (the check loads the "
                            "artifact, as generate does, and reads the float weights once more)")
@@ -310,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     tree.add_argument("--json", action="store_true", help="print only the JSON object")
     tree.add_argument("-o", "--output", type=Path, default=None, help="also write it as a tree file")
     tree.set_defaults(run=cmd_tree)
+
+    srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    srv.add_argument("artifact", type=Path, help="artifact folder compiled with --max-batch N")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --api-key)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=None, help="requests a step serves (the artifact's)")
+    srv.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY'")
+    srv.add_argument("--threads", type=int, default=None, help="CPU threads (default: the artifact's)")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    srv.add_argument("--no-speculation", action="store_true", help="plain steps only (for comparisons)")
+    srv.set_defaults(run=cmd_serve)
 
     gen = commands.add_parser("generate", help="generate text from an artifact or a model")
     gen.add_argument("model", help="artifact folder, zoo name (fetched on first use), HF model folder, "
