@@ -160,8 +160,8 @@ def create_app(
     def on_event(request: EngineRequest, event: tuple, text: TextStream) -> str | None:
         """Apply one engine event; returns the finish reason once finished."""
         if event[0] == "tokens":
-            if request.first_token_at is not None and len(request.tokens) == len(event[1]):
-                metrics.time_to_first_token.observe(request.first_token_at - request.arrived)
+            if not text.decoder.ids:  # the first tokens: event[2] is when the engine emitted them
+                metrics.time_to_first_token.observe(event[2] - request.arrived)
             text.push(event[1])
             if text.stopped:
                 request.cancel()  # a stop string matched: free the row at the next step
@@ -230,6 +230,9 @@ def create_app(
             raise OpenAIError(400, "tools are not supported by skiptree serve", param="tools")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]  # fmt: skip
+        if not engine.tokenizer.chat_template:
+            raise OpenAIError(400, f"the model '{model_id}' has no chat template: send a raw prompt to "
+                                   "/v1/completions", param="messages")  # fmt: skip
         try:
             ids = engine.tokenizer.apply_chat_template(messages)
         except GenerationError as error:

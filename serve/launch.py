@@ -7,6 +7,7 @@ uvicorn's shutdown on SIGTERM stops accepting connections and waits for the requ
 from __future__ import annotations
 
 import ipaddress
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def check_options(options: ServeOptions) -> None:
 
 
 def serve(options: ServeOptions, log=print) -> None:
-    import uvicorn
+    import uvicorn  # the server's stack (uvicorn, FastAPI, onnxruntime) loads after the option checks
 
+    # the app and the engine import that stack too
     from skiptree.serve.api import create_app
     from skiptree.serve.metrics import Metrics
     from skiptree.serve.worker import EngineOptions, EngineThread
@@ -74,4 +76,7 @@ def serve(options: ServeOptions, log=print) -> None:
         f"http://{options.host}:{options.port}/v1")  # fmt: skip
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=None)  # fmt: skip
+    # uvicorn re-raises the signal it stopped on once drained; SIGTERM then ends the process cleanly (0)
+    signal.signal(signal.SIGTERM, lambda number, frame: None)
     uvicorn.Server(config).run()
+    log(f"[serve] {model_id}: stopped after the requests in flight finished")

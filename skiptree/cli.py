@@ -215,7 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from skiptree.serve.launch import ServeOptions, serve
+    from skiptree.serve.launch import ServeOptions, serve  # the server's stack loads only for `serve`
 
     serve(ServeOptions(args.artifact, args.host, args.port, args.max_batch, args.api_key, args.threads,
                        not args.no_speculation, args.max_queue), log=_log)  # fmt: skip
@@ -274,8 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use a finished tuning session's choice (drafter and tree, or plain)")
     comp.add_argument("--force", action="store_true",
                       help="with --tuned: accept a session tuned on another machine or model")
-    comp.add_argument("--max-batch", type=int, default=1, metavar="N",
-                      help="one verify call serves up to N requests (for `skiptree serve`; ONNX Runtime)")
     comp.add_argument("--max-batch", type=int, default=1, metavar="N",
                       help="one verify call serves up to N requests (for `skiptree serve`; ONNX Runtime)")
     comp.add_argument("--no-check", action="store_true",

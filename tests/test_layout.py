@@ -19,7 +19,8 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> the package it installs as (pyproject.toml [tool.setuptools] package-dir)
 PACKAGES = {"skiptree": "skiptree", "compiler": "skiptree.compiler", "passes": "skiptree.passes",
-            "models": "skiptree.models", "runtime": "skiptree.runtime"}  # fmt: skip
+            "models": "skiptree.models", "runtime": "skiptree.runtime",
+            "serve": "skiptree.serve"}  # fmt: skip
 MAX_MODULE_LINES = 400
 MAX_README_LINES = 350
 MAX_CYCLES_LISTED = 100
