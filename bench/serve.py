@@ -48,7 +48,7 @@ def compile_artifact(max_batch: int) -> Path:
     art = WORK / f"smollm2-int4-batch{max_batch}"
     if not (art / "manifest.json").is_file():
         command = [sys.executable, "-m", "skiptree", "compile", "smollm2-135m", "-o", str(art), "--quantize",
-                   "int4", "--draft", "lookup+recycle", "--tree", "k-ary:2x3+chain:4", "--max-seq-len", "512",
+                   "int4", "--draft", "lookup+recycle", "--tree", "k-ary:2x3", "--max-seq-len", "512",
                    "--max-batch", str(max_batch)]  # fmt: skip
         subprocess.run(command, check=True)
     return art
@@ -165,7 +165,7 @@ def generate_reference(art: Path, prompts: list[str], threads: int, max_tokens: 
 def markdown(record: dict) -> str:
     lines = ["# skiptree serve under load (bench/serve.py)", "",
              f"{record['cpu']}; SmolLM2-135M-Instruct int4 (skiptree: `--quantize int4 --draft "
-             "lookup+recycle --tree k-ary:2x3+chain:4 --max-batch 8`; llama.cpp: GGUF Q4_1); chat "
+             "lookup+recycle --tree k-ary:2x3 --max-batch 8`; llama.cpp: GGUF Q4_1); chat "
              f"completions, temperature 0, {record['max_tokens']} tokens a request, max(4, 2c) requests "
              "per run; loopback.", "",
              "| threads | set | server | clients | tokens/s | vs 1 client plain | TTFT p50 / p95 ms | "

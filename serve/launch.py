@@ -26,6 +26,7 @@ class ServeOptions:
     speculative: bool = True
     max_queue: int = 64
     model_id: str | None = None  # default: the artifact folder's name
+    replicas: int = 1  # > 1: a Ray Serve deployment of that many engines (serve/replicas.py)
 
 
 class ServeOptionError(SkiptreeError):
@@ -56,6 +57,12 @@ def check_options(options: ServeOptions) -> None:
         )
     if options.max_queue < 1:
         raise ServeOptionError(f"--max-queue {options.max_queue} is below 1", "pass 1 or more")
+    if options.replicas < 1:
+        raise ServeOptionError(f"--replicas {options.replicas} is below 1", "pass 1 or more (Ray Serve)")
+
+
+def model_id_of(options: ServeOptions) -> str:
+    return options.model_id or Path(options.artifact).resolve().name
 
 
 def serve(options: ServeOptions, log=print) -> None:
@@ -67,9 +74,14 @@ def serve(options: ServeOptions, log=print) -> None:
     from skiptree.serve.worker import EngineOptions, EngineThread
 
     check_options(options)
+    if options.replicas > 1:
+        from skiptree.serve.replicas import serve_replicas  # Ray: an optional extra
+
+        serve_replicas(options, options.replicas, log)
+        return
     engine = EngineThread(EngineOptions(options.artifact, options.max_batch, options.threads,
                                         options.speculative), Metrics(), log)  # fmt: skip
-    model_id = options.model_id or Path(options.artifact).resolve().name
+    model_id = model_id_of(options)
     app = create_app(engine, model_id, options.api_key, options.max_queue)
     mode = "speculative (one budget per step)" if engine.engine.speculative else "plain steps"
     log(f"[serve] {model_id}: up to {engine.rows.rows} requests a step, {mode}; "

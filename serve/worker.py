@@ -100,7 +100,8 @@ class EngineThread:
         self.rows.lengths[:] = saved
 
     def start(self) -> None:
-        self.thread.start()
+        if not self.thread.is_alive():
+            self.thread.start()
 
     def stop(self) -> None:
         self.stopping = True

@@ -218,7 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from skiptree.serve.launch import ServeOptions, serve  # the server's stack loads only for `serve`
 
     serve(ServeOptions(args.artifact, args.host, args.port, args.max_batch, args.api_key, args.threads,
-                       not args.no_speculation, args.max_queue, args.model_id), log=_log)  # fmt: skip
+                       not args.no_speculation, args.max_queue, args.model_id, args.replicas),
+          log=_log)  # fmt: skip
     return 0
 
 
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     srv.add_argument("--no-speculation", action="store_true", help="plain steps only (for comparisons)")
     srv.add_argument("--model-id", default=None, help="the model's name in the API (default: the folder's)")
+    srv.add_argument("--replicas", type=int, default=1, help="N > 1: a Ray Serve deployment of N engines")
     srv.set_defaults(run=cmd_serve)
 
     gen = commands.add_parser("generate", help="generate text from an artifact or a model")
