@@ -13,7 +13,9 @@ For each server, prompt set and concurrency c, c client threads stream chat comp
 `openai` client. Reported: total completion tokens / wall time of the whole run, time to first token
 (send -> first content chunk) and inter-token latency (gaps between content chunks) at p50 / p95, and
 tokens per request. `skiptree generate` (the same artifact, one request at a time, whole generations)
-is the single-request reference. Results are written after every run: bench/results/serve.{json,md}.
+is the single-request reference, and the same on an artifact compiled without --max-batch (its
+verify graph uses ORT's fused GroupQueryAttention, which takes no batch of trees). Results are
+written after every run: bench/results/serve.{json,md}.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ SETS = {"code": "code", "chat": "chat", "edit": "copying"}
 
 
 def compile_artifact(max_batch: int) -> Path:
+    """The served artifact (max_batch > 1: its verify graph takes a batch, attention unfused), or with
+    max_batch 1 the same artifact for one request per call (fused attention), for reference."""
     art = WORK / f"smollm2-int4-batch{max_batch}"
     if not (art / "manifest.json").is_file():
         command = [sys.executable, "-m", "skiptree", "compile", "smollm2-135m", "-o", str(art), "--quantize",
@@ -200,6 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     art = compile_artifact(max(args.clients))
+    single = compile_artifact(1)
     record = {"cpu": cpu_model(), "machine": platform.machine(), "max_tokens": args.max_tokens, "runs": [],
               "generate": {}, "unavailable": {}}  # fmt: skip
     try:
@@ -210,8 +215,9 @@ def main() -> None:
     for threads in args.threads:
         for set_name in args.sets:
             prompts = PROMPT_SETS[SETS[set_name]][1]
-            reference = generate_reference(art, prompts, threads, args.max_tokens)
-            record["generate"][f"{threads} threads, {set_name}"] = reference
+            for label, artifact in (("--max-batch 8", art), ("--max-batch 1, fused attention", single)):
+                reference = generate_reference(artifact, prompts, threads, args.max_tokens)
+                record["generate"][f"{threads} threads, {set_name}, {label}"] = reference
         for server in servers:
             port = free_port()
             command, health, model = server_command(server, art, threads, port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -88,6 +89,7 @@ def create_app(
             "model": model_id,
             "active": engine.engine.active,
             "queued": engine.queue_length,
+            "pid": os.getpid(),  # which engine answered (Ray Serve replicas)
         }
 
     @app.get("/metrics")

@@ -75,7 +75,7 @@ def serve_replicas(options: ServeOptions, replicas: int, log=print) -> None:
     try:
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; or Ray's own SIGTERM handler, where it still holds
         pass
     finally:
         shutdown()
