@@ -69,6 +69,9 @@ def test_compile_options_hold_specs_not_strings():
     ({"draft_quantize": "int4"}, "--draft-quantize int4 needs a draft with weights"),
     ({"draft": "corpus:/no/such/docs"}, "no file or folder /no/such/docs"),
     ({"backend": "tvm", "quantize": "int8"}, "--quantize int8: TVM lowers int4"),
+    ({"max_batch": 0}, "--max-batch 0 is not a request count"),
+    ({"backend": "tvm", "max_batch": 4}, "--max-batch > 1 needs --backend onnxruntime"),
+    ({"draft": "self:exit=1", "tree": "chain:2", "max_batch": 4}, "no early exit or self-draft"),
 ])  # fmt: skip
 def test_contradictions_are_refused_when_the_options_are_built(options, message):
     with pytest.raises(CompileOptionError, match=message):

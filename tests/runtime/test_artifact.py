@@ -69,7 +69,8 @@ def test_manifest_records_what_was_built(tiny_artifact):
     manifest = skiptree.load(artifact).manifest
     assert manifest.format_version == 2 and manifest.max_seq_len == 48
     assert manifest.backend.name == "onnxruntime" and manifest.decode_mode == DecodeMode.PLAIN
-    verify = {"max_tree": 48, "first_layer": 0, "fused_attention": True, "plain_decoding": True}
+    verify = {"max_tree": 48, "first_layer": 0, "fused_attention": True, "plain_decoding": True,
+              "max_batch": 1}
     assert manifest.pipeline == (  # a model that cannot fuse (head size 8) keeps its step graph
         PassEntry("InsertTreeVerify", verify, False), PassEntry("EliminateDeadCode", {}, False))
     assert manifest.check.argmax_agreement == 1.0 and manifest.check.max_abs_logit_error < 1e-4
