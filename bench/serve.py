@@ -49,10 +49,10 @@ SETS = {"code": "code", "chat": "chat", "edit": "copying"}
 def compile_artifact(max_batch: int) -> Path:
     """The served artifact (max_batch > 1: its verify graph takes a batch, attention unfused), or with
     max_batch 1 the same artifact for one request per call (fused attention), for reference."""
-    art = WORK / f"smollm2-int4-batch{max_batch}"
+    art = WORK / f"smollm2-int4-chain4-batch{max_batch}"
     if not (art / "manifest.json").is_file():
         command = [sys.executable, "-m", "skiptree", "compile", "smollm2-135m", "-o", str(art), "--quantize",
-                   "int4", "--draft", "lookup+recycle", "--tree", "k-ary:2x3", "--max-seq-len", "512",
+                   "int4", "--draft", "lookup+recycle", "--tree", "chain:4", "--max-seq-len", "512",
                    "--max-batch", str(max_batch)]  # fmt: skip
         subprocess.run(command, check=True)
     return art
@@ -169,7 +169,7 @@ def generate_reference(art: Path, prompts: list[str], threads: int, max_tokens: 
 def markdown(record: dict) -> str:
     lines = ["# skiptree serve under load (bench/serve.py)", "",
              f"{record['cpu']}; SmolLM2-135M-Instruct int4 (skiptree: `--quantize int4 --draft "
-             "lookup+recycle --tree k-ary:2x3 --max-batch 8`; llama.cpp: GGUF Q4_1); chat "
+             "lookup+recycle --tree chain:4 --max-batch 8`; llama.cpp: GGUF Q4_1); chat "
              f"completions, temperature 0, {record['max_tokens']} tokens a request, max(4, 2c) requests "
              "per run; loopback.", "",
              "| threads | set | server | clients | tokens/s | vs 1 client plain | TTFT p50 / p95 ms | "
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["code", "chat"], choices=sorted(SETS))
     parser.add_argument("--servers", nargs="+", default=["skiptree-plain", "skiptree", "llama.cpp"])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--stem", default="serve", help="results file name: bench/results/STEM.{json,md}")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     art = compile_artifact(max(args.clients))
@@ -233,11 +234,11 @@ def main() -> None:
                         record["runs"].append(run)
                         print(f"{threads}t {set_name} {server} c={clients}: {run['tokens_per_s']:.1f} tok/s, "
                               f"ITL p95 {run['itl_p95_s'] * 1e3:.0f} ms", flush=True)  # fmt: skip
-                        save_results("serve", record, markdown(record))
+                        save_results(args.stem, record, markdown(record))
             finally:
                 process.terminate()
                 process.wait(timeout=120)
-    save_results("serve", record, markdown(record))
+    save_results(args.stem, record, markdown(record))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ class EngineThread:
             log(f"[serve] the artifact's drafter '{spec.drafter}' does not batch: plain steps "
                 "(free drafters batch: lookup, recycle, corpus)")  # fmt: skip
         shape = TreeShape(spec.tree.parents, spec.tree.spec) if sources else None
+        if shape is not None and pads and list(shape.parents) != list(range(-1, shape.size - 1)):
+            # as Runtime.description says: int8 activations make a branching tree inexact at near-ties
+            log(f"[serve] LOSSY at near-ties: tree {spec.tree.spec} branches and the weights run with int8 "
+                "activations (compile with a chain:N tree or --quantize ...:accuracy=0 for exact output)")
         max_tree = verify.max_tree or 1
         self.engine = BatchEngine(self.rows, max_tree, sources, shape)
         self.cost: BatchCost | None = None
