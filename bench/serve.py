@@ -21,6 +21,7 @@ written after every run: bench/results/serve.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import queue
 import socket
@@ -89,7 +90,8 @@ def server_command(engine: str, art: Path, threads: int, port: int) -> tuple[lis
         return command, "/health", "smollm2"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(GGUF), "--model_alias", "smollm2",
                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "512",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+               "--host", "127.0.0.1", "--port", str(port),
+               "--interrupt_requests", "False"]  # fmt: skip  (queue requests: by default a new one cancels)
     return command, "/v1/models", "smollm2"
 
 
@@ -106,6 +108,8 @@ def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int)
         if getattr(chunk, "usage", None):
             tokens = chunk.usage.completion_tokens
     done = time.perf_counter()
+    if tokens is None:  # llama-cpp-python's server sends no usage when streaming: one chunk per token
+        tokens = len(stamps)
     return {"prompt": prompt, "ttft": (stamps[0] - sent) if stamps else None, "gaps": list(np.diff(stamps)),
             "tokens": tokens, "text": text, "seconds": done - sent}  # fmt: skip
 
@@ -115,6 +119,7 @@ def load(port: int, model: str, prompts: list[str], clients: int, max_tokens: in
     for i in range(max(4, 2 * clients)):
         work.put(prompts[i % len(prompts)])
     results: list[dict] = []
+    failures: list[str] = []
 
     def client_loop() -> None:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
@@ -124,7 +129,10 @@ def load(port: int, model: str, prompts: list[str], clients: int, max_tokens: in
                 prompt = work.get_nowait()
             except queue.Empty:
                 return
-            results.append(one_request(client, model, prompt, max_tokens))
+            try:
+                results.append(one_request(client, model, prompt, max_tokens))
+            except openai.OpenAIError as error:  # counted, not fatal: a peer may refuse concurrency
+                failures.append(f"{type(error).__name__}: {error}"[:200])
 
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     start_time = time.perf_counter()
@@ -140,7 +148,7 @@ def load(port: int, model: str, prompts: list[str], clients: int, max_tokens: in
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
             "itl_p50_s": pct(gaps, 50), "itl_p95_s": pct(gaps, 95),
-            "texts": {r["prompt"]: r["text"] for r in results}}  # fmt: skip
+            "texts": {r["prompt"]: r["text"] for r in results}, "failed": failures}  # fmt: skip
 
 
 def same_texts(run: dict, runs: list[dict]) -> bool | None:
@@ -202,19 +210,25 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", default=["skiptree-plain", "skiptree", "llama.cpp"])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--stem", default="serve", help="results file name: bench/results/STEM.{json,md}")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to STEM.json's runs (replacing these servers'), no generate references")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     art = compile_artifact(max(args.clients))
     single = compile_artifact(1)
     record = {"cpu": cpu_model(), "machine": platform.machine(), "max_tokens": args.max_tokens, "runs": [],
               "generate": {}, "unavailable": {}}  # fmt: skip
+    stored = Path(__file__).resolve().parent / "results" / f"{args.stem}.json"
+    if args.merge and stored.is_file():
+        record = json.loads(stored.read_text())
+        record["runs"] = [run for run in record["runs"] if run["server"] not in args.servers]
     try:
         import llama_cpp  # noqa: F401  (the peer: optional, bench extra)
     except ImportError:
         record["unavailable"]["llama.cpp"] = "llama-cpp-python is not installed (see the module doc)"
     servers = [s for s in args.servers if s not in record["unavailable"]]
     for threads in args.threads:
-        for set_name in args.sets:
+        for set_name in args.sets if not args.merge else ():
             prompts = PROMPT_SETS[SETS[set_name]][1]
             for label, artifact in (("--max-batch 8", art), ("--max-batch 1, fused attention", single)):
                 reference = generate_reference(artifact, prompts, threads, args.max_tokens)
