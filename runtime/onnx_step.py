@@ -36,6 +36,7 @@ class SessionConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     prepacking: bool = True
     memory_arena: bool = True
+    spinning: bool = True  # ORT's pool threads spin between calls (off: they sleep, and leave the cores free)
 
 
 def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
@@ -48,6 +49,8 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
     if not config.prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.enable_cpu_mem_arena = config.memory_arena
+    if not config.spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=list(config.providers))
 
 

@@ -62,7 +62,10 @@ class EngineThread:
                                    f"pass 1 to {compiled} (the artifact's)")  # fmt: skip
         backend = self.manifest.backend
         threads = backend.threads if options.threads is None else options.threads
-        config = SessionConfig(threads=threads, optimization_level=backend.optimization_level or "extended")
+        # ORT's threads sleep between calls instead of spinning: the HTTP side needs the cores between
+        # steps (bench/results/serve.md, "spinning")
+        config = SessionConfig(threads=threads, optimization_level=backend.optimization_level or "extended",
+                               spinning=False)  # fmt: skip
         activations = (verify.quantization or {}).get("accuracy_level", 0)
         pads = activations == 4 and not (verify.quantization or {}).get("batch_invariant", False)
         self.rows = BatchRows(folder / verify.file, verify.signature, rows, config, pads)
