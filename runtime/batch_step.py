@@ -39,10 +39,11 @@ class BatchRows:
         after their cached slots; their K/V land at slots length..length+T-1 (the caller commits what
         it keeps with `commit`). Returns the requested outputs [b, T, ...]."""
         rows, steps = tokens.shape
-        if self.pads_lone_rows and (rows * steps) % MLAS_ROW_RANGE == 1:  # see pad_lone_rows
+        prefix = self.lengths[lo : lo + rows]
+        lone = self.pads_lone_rows and (rows * steps) % MLAS_ROW_RANGE == 1
+        if lone and int(prefix.max()) + steps + 1 <= self.max_seq_len:  # see pad_lone_rows (room permitting)
             tokens = np.concatenate([tokens, tokens[:, :1]], axis=1)
             parents = np.concatenate([parents, np.zeros((rows, 1), dtype=np.int64)], axis=1)
-        prefix = self.lengths[lo : lo + rows]
         if int(prefix.max()) + tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} tokens overflow a row of {self.max_seq_len} slots")
         self._bind(lo, lo + rows)

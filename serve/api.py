@@ -27,6 +27,9 @@ from skiptree.serve.engine import Request as EngineRequest
 from skiptree.serve.schema import ChatRequest, CompletionRequest, OpenAIError, Sampling
 from skiptree.serve.worker import EngineThread, bridge
 
+ENGINE_FAILED = OpenAIError(500, "the engine failed on a step of this request (the server log says why); "
+                                 "retry it", kind="server_error")  # fmt: skip
+
 
 class TextStream:
     """Token ids to text deltas, cut at the first stop string (text that may begin one is held)."""
@@ -157,6 +160,8 @@ def create_app(
         metrics.prompt_tokens.inc(len(request.prompt_ids))
         metrics.generated_tokens.inc(len(request.tokens))
         metrics.request_seconds.observe(time.perf_counter() - request.arrived)
+        if reason == "error":
+            return reason
         return "stop" if text.stopped or reason == "stop" else "length"
 
     def on_event(request: EngineRequest, event: tuple, text: TextStream) -> str | None:
@@ -180,6 +185,8 @@ def create_app(
                     raise OpenAIError(499, "the client closed the request") from None
                 continue
             reason = on_event(request, event, text)
+            if reason == "error":
+                raise ENGINE_FAILED
             if reason is not None:
                 return reason
 
@@ -208,6 +215,10 @@ def create_app(
                     yield chunk(delta, None)
                 if reason is not None:
                     break
+            if reason == "error":
+                yield f"data: {json.dumps(ENGINE_FAILED.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             yield chunk(None, reason)
             if body.stream_options and body.stream_options.include_usage:
                 data = {"id": ident, "object": kind, "created": created, "model": model_id, "choices": [],

@@ -41,7 +41,7 @@ class Request:
     seed: int | None = None
     eos_token_ids: frozenset[int] = frozenset()
     on_tokens: Callable[[list[int]], None] = lambda tokens: None
-    on_finish: Callable[[str], None] = lambda reason: None  # "stop" (EOS), "length", "cancelled"
+    on_finish: Callable[[str], None] = lambda reason: None  # "stop" (EOS), "length", "cancelled", "error"
     # state, owned by the engine
     tokens: list[int] = field(default_factory=list)
     row: int = -1
@@ -134,6 +134,15 @@ class BatchEngine:
             self.decoding -= 1
         request.finish_reason = reason
         request.on_finish(reason)
+
+    def fail_active(self) -> None:
+        """End every request holding a row with reason "error" (after a step raised) and free the rows."""
+        for request in [slot for slot in self.slots if slot is not None]:
+            self.slots[request.row], request.row = None, -1
+            request.finish_reason = "error"
+            request.on_finish("error")
+        self.rows.lengths[:] = 0
+        self.decoding = 0
 
     def _admit(self) -> None:
         while self.waiting and None in self.slots:

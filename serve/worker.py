@@ -93,7 +93,7 @@ class EngineThread:
             self.cost = measure_batch_cost(self._timed_call, rows, self.engine.max_tokens,
                                            log=lambda line: log(f"[serve]   {line}"))  # fmt: skip
             self.engine.cost = self.cost
-        self.metrics = metrics
+        self.metrics, self.log = metrics, log
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.stopping = False
@@ -128,14 +128,24 @@ class EngineThread:
         while not self.stopping:
             while True:
                 try:
-                    engine.submit(self.inbox.get_nowait())
+                    request = self.inbox.get_nowait()
                 except queue.Empty:
                     break
+                try:
+                    engine.submit(request)
+                except ValueError as error:  # the API checks lengths first; one request never stops the loop
+                    self.log(f"[serve] request refused: {error}")
+                    request.on_finish("error")
             if engine.idle():
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
                 continue
-            stats = engine.step()
+            try:
+                stats = engine.step()
+            except Exception as error:  # a failed step ends its requests with an error, not the server
+                self.log(f"[serve] a step failed ({error!r}): its requests end with an error")
+                engine.fail_active()
+                continue
             self.metrics.observe_step(stats, len(engine.waiting), engine.active)
 
 

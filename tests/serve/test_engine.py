@@ -158,3 +158,24 @@ def test_drafts_are_accepted_under_batching(batched):
                                             for p in cases]  # fmt: skip
     emitted_by_steps = sum(len(r.tokens) - 1 for r in requests)  # the first token comes from prefill
     assert sum(r.target_steps for r in requests) < emitted_by_steps
+
+
+def test_int8_activations_pad_lone_rows_up_to_a_full_context(tmp_path):
+    """An int4 artifact with int8 activations pads one-row calls to two (as `generate` does), except
+    where the context has no room left: requests that fill it exactly stay exact and never fail."""
+    write_tiny_model(tmp_path / "target", transformers.LlamaConfig(**FUSABLE))
+    write_word_tokenizer(tmp_path / "target")
+    art = skiptree.compile(tmp_path / "target", tmp_path / "int4", max_seq_len=48, draft="prompt-lookup",
+                           tree="chain:3", max_tree=8, max_batch=ROWS, quantize="int4")  # fmt: skip
+    plain = skiptree.load(art, speculative=False)
+    manifest = plain.manifest
+    verify, spec = manifest.graphs["verify"], manifest.speculative
+    assert verify.quantization["accuracy_level"] == 4
+    rows = BatchRows(art / verify.file, verify.signature, ROWS, SessionConfig(threads=1), pads_lone_rows=True)
+    engine = BatchEngine(rows, verify.max_tree, free_sources(art, manifest, spec),
+                         TreeShape(spec.tree.parents, spec.tree.spec))  # fmt: skip
+    cases = prompts(9, 3)
+    expected = [plain.generate(p, max_new_tokens=48 - len(p), eos_token_id=[]).token_ids for p in cases]
+    requests = [Request(p, 48 - len(p)) for p in cases]
+    run_all(engine, requests, [0, 0, 2])
+    assert [r.tokens for r in requests] == expected
