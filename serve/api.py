@@ -69,6 +69,7 @@ def create_app(
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
+        metrics.requests.labels(endpoint_of(request), str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(RequestValidationError)
@@ -76,7 +77,13 @@ def create_app(
         first = error.errors()[0] if error.errors() else {}
         field = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         message = f"{field or 'body'}: {first.get('msg', 'invalid request')}"
+        metrics.requests.labels(endpoint_of(request), "400").inc()
         return JSONResponse(OpenAIError(400, message, param=field).body(), status_code=400)
+
+    def endpoint_of(request: Request) -> str:
+        """The metrics label of a path: "completions", "chat" or the path itself."""
+        path = request.url.path
+        return {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(path, path)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -111,6 +118,7 @@ def create_app(
         if body.model != model_id:
             raise OpenAIError(404, f"the model '{body.model}' does not exist: this server serves "
                                    f"'{model_id}'", param="model", code="model_not_found")  # fmt: skip
+        param = "messages" if endpoint == "chat" else "prompt"
         limit = max_tokens if max_tokens is not None else max_seq_len - len(prompt_ids)
         if len(prompt_ids) + max(limit, 1) > max_seq_len:
             raise OpenAIError(
@@ -119,7 +127,7 @@ def create_app(
                 f"you requested {len(prompt_ids) + limit} tokens ({len(prompt_ids)} in the "
                 f"prompt, {limit} for the completion). Please reduce the prompt or the "
                 "completion length.",
-                param="messages",
+                param=param,
                 code="context_length_exceeded",
             )
         if engine.queue_length >= max_queue:

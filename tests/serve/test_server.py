@@ -209,6 +209,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
 def test_metrics_count_requests_and_steps(server):
     url, client = server
     client.completions.create(model="tiny", prompt="t50 t51", max_tokens=5, temperature=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="t50", max_tokens=5)
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:
         text = answer.read().decode()
     for name in ("skiptree_requests_total", "skiptree_generated_tokens_total", "skiptree_target_steps_total",
@@ -216,6 +218,7 @@ def test_metrics_count_requests_and_steps(server):
                  "skiptree_tokens_per_target_step"):  # fmt: skip
         assert name in text
     assert 'skiptree_requests_total{endpoint="completions",status="200"}' in text
+    assert 'skiptree_requests_total{endpoint="completions",status="404"}' in text  # errors count too
 
 
 def test_sigterm_drains_requests_in_flight(artifact, plain):
