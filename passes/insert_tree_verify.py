@@ -130,8 +130,7 @@ class TreeVerifyModule(nn.Module):
         logits, the last layer's output and the new caches."""
         total = prefix_len + x.shape[1]
         cos, sin = rotary_tables(self.model.inv_freq, self.max_seq_len)
-        longest = total.max() if self.batched else total.reshape(())  # a batch: rows of their own lengths
-        lengths = ((total - 1).to(torch.int32), longest.to(torch.int32))
+        lengths = ((total - 1).to(torch.int32), total.to(torch.int32).reshape(()))
         attention = (*lengths, cos, sin, positions, bias)
         count, keys, values, pending = len(self.layers), [], [], None
         for j, layer in enumerate(self.layers):
@@ -183,28 +182,28 @@ class InsertTreeVerify(Pass):
         max_tree = min(self.max_tree, max_len)
         layers = list(range(self.first_layer, ir.config.num_layers))
         batched = self.max_batch > 1
+        if batched and self.first_layer:
+            raise ValueError("a batched verify graph verifies from layer 0 (no prefix-exit self-draft)")
         caches = example_caches(model, max_len, layers, batch=2 if batched else 1)
         dtype = str(caches[0].dtype).removeprefix("torch.")
-        if batched:
+        if batched:  # a batch of two trees, B and T dynamic
             example = [("tokens", torch.zeros(2, 3, dtype=torch.int64), {0: "B", 1: "T"}),
                        ("parents", torch.tensor([[0, 0, 1], [0, 0, 0]]), {0: "B", 1: "T"}),
                        ("prefix_len", torch.tensor([1, 2]), {0: "B"})]  # fmt: skip
-        elif self.first_layer:
-            first = ("hidden", torch.zeros(1, 3, ir.config.hidden_size, dtype=caches[0].dtype), {1: "T"})
         else:
-            first = ("tokens", torch.zeros(1, 3, dtype=torch.int64), {1: "T"})
-        if not batched:
+            if self.first_layer:
+                first = ("hidden", torch.zeros(1, 3, ir.config.hidden_size, dtype=caches[0].dtype), {1: "T"})
+            else:
+                first = ("tokens", torch.zeros(1, 3, dtype=torch.int64), {1: "T"})
             example = [first,
                        ("parents", torch.tensor([0, 0, 1]), {0: "T"}),
                        ("prefix_len", torch.tensor([1]), {})]  # fmt: skip
-        rows = ("B",) if batched else (1,)
-        outputs = [TensorSpec("next_ids", "int64", (*rows[:batched], "T")),
-                   TensorSpec("logits", dtype, (*rows, "T", ir.config.vocab_size)),
-                   TensorSpec("features", dtype, (*rows, "T", ir.config.hidden_size))]  # fmt: skip
+        rows = "B" if batched else 1
+        outputs = [TensorSpec("next_ids", "int64", ("B", "T") if batched else ("T",)),
+                   TensorSpec("logits", dtype, (rows, "T", ir.config.vocab_size)),
+                   TensorSpec("features", dtype, (rows, "T", ir.config.hidden_size))]  # fmt: skip
         # ORT's GroupQueryAttention takes a batch of one-token rows only: a batch of trees attends unfused
         fused = self.fused_attention and model.supports_fused_attention() and not batched
-        if batched and self.first_layer:
-            raise ValueError("a batched verify graph verifies from layer 0 (no prefix-exit self-draft)")
         if self.plain_decoding and not fused:
             return PassResult(ir, False)  # unfused, the verify graph is no faster than "step"
         verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused, self.plain_decoding,

@@ -193,6 +193,13 @@ def open_backend(folder: Path, backend: BackendEntry, graphs: Mapping[str, Graph
                            "recompile with --backend onnxruntime or --backend tvm")  # fmt: skip
 
 
+def lone_rows_differ(verify: GraphEntry) -> bool:
+    """Whether the graph's one-row calls compute differently from calls of 2+ rows (int8 activations,
+    not batch-invariant): speculation then pads them (`pad_lone_rows`)."""
+    quantization = verify.quantization or {}
+    return quantization.get("accuracy_level", 0) == 4 and not quantization.get("batch_invariant", False)
+
+
 def step_model_of(backend, graphs: Mapping[str, GraphEntry], mode: DecodeMode, num_layers: int,
                   max_tree: int | None = None, threshold: float = NEVER):  # fmt: skip
     """The step model of decode mode `mode`: early exit's "step" + "exit_step" (exiting at
@@ -210,9 +217,7 @@ def step_model_of(backend, graphs: Mapping[str, GraphEntry], mode: DecodeMode, n
         cache = backend.cache(verify.signature, num_layers=num_layers)
         return SplitStepModel(backend.graph(GraphName.SELF_DRAFT, cache),
                               backend.graph(GraphName.VERIFY, cache), max_tree)  # fmt: skip
-    activations = (verify.quantization or {}).get("accuracy_level", 0)
-    invariant = (verify.quantization or {}).get("batch_invariant", False)  # rows computed alike at any count
-    pads = mode == DecodeMode.SPECULATIVE and activations == 4 and not invariant  # pad_lone_rows
+    pads = mode == DecodeMode.SPECULATIVE and lone_rows_differ(verify)  # pad_lone_rows
     graph = backend.graph(GraphName.VERIFY, backend.cache(verify.signature))
     return VerifyStepModel(graph, max_tree, pads)
 

@@ -9,7 +9,9 @@ on this machine, bound to the address `--host` names (loopback by default).
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 from skiptree.errors import SkiptreeError
@@ -78,4 +80,13 @@ def serve_replicas(options: ServeOptions, replicas: int, log=print) -> None:
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; or Ray's own SIGTERM handler, where it still holds
         pass
     finally:
-        shutdown()
+        try:
+            shutdown()
+        except SystemExit:  # Ray's own SIGTERM handler (ray.init installs it) fired during shutdown
+            pass
+    log("[serve] replicas stopped")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Ray's core worker can abort (SIGABRT) in its destructors at interpreter exit, after a clean
+    # shutdown (seen with Ray 2.60 when the process ran other work first): leave without them
+    os._exit(0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from skiptree.errors import ModelSourceError
-from skiptree.runtime.artifact import free_sources
+from skiptree.runtime.artifact import free_sources, lone_rows_differ
 from skiptree.runtime.batch_step import BatchRows
 from skiptree.runtime.manifest import DecodeMode, GraphName, Manifest, read_manifest
 from skiptree.runtime.onnx_step import SessionConfig
@@ -66,8 +66,7 @@ class EngineThread:
         # steps (bench/results/serve.md, "spinning")
         config = SessionConfig(threads=threads, optimization_level=backend.optimization_level or "extended",
                                spinning=False)  # fmt: skip
-        activations = (verify.quantization or {}).get("accuracy_level", 0)
-        pads = activations == 4 and not (verify.quantization or {}).get("batch_invariant", False)
+        pads = lone_rows_differ(verify)
         self.rows = BatchRows(folder / verify.file, verify.signature, rows, config, pads)
         self.tokenizer = Tokenizer.from_folder(folder / self.manifest.tokenizer.folder)
         self.eos_token_ids = frozenset(self.manifest.tokenizer.eos_token_ids)

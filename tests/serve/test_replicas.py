@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -15,18 +14,11 @@ import openai
 import pytest
 import transformers
 from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
+from http_clients import complete_concurrently, free_port
 
 import skiptree
 
 pytest.importorskip("ray", reason="Ray is the optional `ray` extra (installed with `.[test]`)")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_replicas_serve_the_same_tokens(tmp_path):
@@ -52,17 +44,7 @@ def test_two_replicas_serve_the_same_tokens(tmp_path):
         assert len(pids) == 2
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         prompts = [f"t{a} t{a + 1} t{a + 2} t{a}" for a in range(10, 50, 5)]
-        answers: dict[str, str] = {}
-
-        def ask(prompt: str) -> None:
-            answers[prompt] = client.completions.create(model="tiny", prompt=prompt, max_tokens=20,
-                                                        temperature=0).choices[0].text  # fmt: skip
-
-        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = complete_concurrently(client, "tiny", prompts, 20)
         assert answers == {p: plain.generate(p, max_new_tokens=20).text for p in prompts}
     finally:
         process.send_signal(signal.SIGTERM)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import openai
 import pytest
 import transformers
 from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
+from http_clients import complete_concurrently, free_port
 
 import skiptree
 
@@ -24,12 +24,6 @@ KEY = "test-key"
 CHAT_TEMPLATE = (
     "{% for m in messages %}t3 {{ m['content'] }} t4 {% endfor %}{% if add_generation_prompt %}t5{% endif %}"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(art, *args: str) -> tuple[subprocess.Popen, str]:
@@ -158,17 +152,7 @@ def test_stop_strings_cut_the_text(server, plain):
 def test_concurrent_requests_each_get_their_own_tokens(server, plain):
     _, client = server
     prompts = [f"t{a} t{a + 1} t{a + 2} t{a} t{a + 1}" for a in range(30, 66, 6)]
-    answers: dict[str, str] = {}
-
-    def ask(prompt: str) -> None:
-        answers[prompt] = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
-                                                    temperature=0).choices[0].text  # fmt: skip
-
-    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = complete_concurrently(client, "tiny", prompts, 24)
     assert answers == {p: plain.generate(p, max_new_tokens=24).text for p in prompts}
 
 
