@@ -37,7 +37,7 @@ from skiptree.compiler.lower.to_onnx import lower_to_onnx
 from skiptree.compiler.options import CompileOptions
 from skiptree.compiler.pipeline import build_pipeline
 from skiptree.compiler.quality import PASSAGE, perplexity
-from skiptree.compiler.specs import CompileOptionError, FreeDraft
+from skiptree.compiler.specs import CompileOptionError
 from skiptree.compiler.tune.measure import CALIBRATION_PROMPTS
 from skiptree.models.base import CausalLM
 from skiptree.models.gguf_convert import atomic_folder
@@ -267,7 +267,7 @@ def compile_model(
             speculative = build_drafter(options, tokenizer, ir.config, building, log, draft_vocab)
             speculative = replace(speculative, **free_drafter_state(options, eager(), tokenizer, building,
                                                                     phase, log))  # fmt: skip
-            if isinstance(options.draft, FreeDraft) and backend.name == "onnxruntime":
+            if options.free_draft and backend.name == "onnxruntime":
                 phase("measuring the verify cost T(n) on this machine (the free drafters' per-step gate)")
                 cost = measure_verify_cost(building, graphs, backend, speculative.max_tree, ir.config,
                                            options.threads)  # fmt: skip

@@ -79,6 +79,8 @@ class CompileOptions:
 
     @property
     def free_draft(self) -> FreeDraft | None:
+        if isinstance(self.draft, FeatureHeadDraft):
+            return self.draft.free
         return self.draft if isinstance(self.draft, FreeDraft) else None
 
     @property
@@ -149,8 +151,8 @@ class CompileOptions:
         if self.tree.size + 1 > self.max_tree:
             raise CompileOptionError(f"tree {self.tree.spec} has more than max_tree - 1 = "
                                      f"{self.max_tree - 1} nodes", "use a smaller tree or raise max_tree")
-        if isinstance(draft, FreeDraft) and draft.corpus is not None:
-            self._check_corpus(draft.corpus)
+        if self.free_draft is not None and self.free_draft.corpus is not None:
+            self._check_corpus(self.free_draft.corpus)
         if isinstance(draft, SelfDraftSpec) and self.tree.size != self.tree.depth:
             raise CompileOptionError(f"self-drafts draft chains, not the tree {self.tree.spec}",
                                      "use --tree chain:K with a self-draft")  # fmt: skip

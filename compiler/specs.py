@@ -7,7 +7,8 @@ values below when it is built; everything downstream reads their fields and neve
 again. A malformed option is refused here, in one line, before any work is done.
 
   DraftSpec       FreeDraft (lookup, recycle, corpus:PATH, '+'-combined) | SelfDraftSpec
-                  (self:exit=E, self:skip=4-9,15) | FeatureHeadDraft (feature-head:WEIGHTS)
+                  (self:exit=E, self:skip=4-9,15) | FeatureHeadDraft (feature-head:WEIGHTS, and
+                  +lookup+recycle... for free drafters in the same tree)
                   | DraftModel (a zoo name, HF folder or .gguf file with the target's tokenizer)
   EarlyExitSpec   min-agreement=0.95[,exits=8+16][,gate=softmax][,vocab=8192] (lossy, CALM)
   WeightQuantization  int8 | int4[:block=32][,head=no][,accuracy=0] (MatMulNBits)
@@ -92,9 +93,10 @@ class FeatureHeadDraft:
     """A trained feature-level draft head (EAGLE), from `skiptree tune --train-draft feature-head`."""
 
     weights: Path
+    free: FreeDraft | None = None  # free drafters proposing in the same tree (feature-head:W+lookup+recycle)
 
     def __str__(self) -> str:
-        return f"{FEATURE_PREFIX}{self.weights}"
+        return f"{FEATURE_PREFIX}{self.weights}" + (f"+{self.free}" if self.free else "")
 
 
 @dataclass(frozen=True)
@@ -176,12 +178,16 @@ def parse_draft(text: str) -> DraftSpec:
     if text.startswith(SELF_PREFIX):
         return parse_self_draft(text)
     if text.startswith(FEATURE_PREFIX):
-        weights = text.removeprefix(FEATURE_PREFIX)
+        weights, plus, others = text.removeprefix(FEATURE_PREFIX).partition("+")
         if not weights:
             raise DraftSpecError("--draft feature-head: names no weights file",
                                  "write --draft feature-head:PATH (from skiptree tune --train-draft "
                                  "feature-head)")  # fmt: skip
-        return FeatureHeadDraft(Path(weights))
+        free = parse_free_draft(others) if plus else None
+        if plus and free is None:
+            raise DraftSpecError(f"--draft {text}: '+' after the head's weights names no free drafter",
+                                 "write feature-head:PATH+lookup+recycle (a path holds no '+')")
+        return FeatureHeadDraft(Path(weights), free)
     free = parse_free_draft(text)
     if free is not None:
         return free

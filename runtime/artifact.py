@@ -15,6 +15,7 @@ from skiptree.runtime.early_exit import NEVER, EarlyExitStepModel
 from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import GenerationResult
 from skiptree.runtime.generator import TextGenerator
+from skiptree.runtime.head_source import HeadCandidates
 from skiptree.runtime.manifest import (
     BackendEntry,
     DecodeMode,
@@ -74,14 +75,19 @@ class Runtime(TextGenerator):
         return self.backend.graph(name, self.step_model.cache)
 
     def _drafter(self, spec: DrafterEntry) -> Drafter:
-        sources = free_sources(self.folder, self.manifest, spec)
-        if sources:  # free drafters, one or merged
-            cost = spec.verify_cost
-            return MergedDrafter(sources, VerifyCost(cost.nodes, cost.ratio, cost.paired) if cost else None)
+        sources: list = free_sources(self.folder, self.manifest, spec)
+        head = None
         if spec.feature_head is not None:
             name = spec.feature_head.graph
-            head = self.backend.graph(name, self.backend.cache(self.manifest.graphs[name].signature))
-            return FeatureDrafter(head, self.manifest.model.config["hidden_size"])
+            graph = self.backend.graph(name, self.backend.cache(self.manifest.graphs[name].signature))
+            head = FeatureDrafter(graph, self.manifest.model.config["hidden_size"])
+        if sources:  # free drafters, one or merged (and the feature head's candidates among them)
+            if head is not None:
+                sources.append(HeadCandidates(head, TreeShape(spec.tree.parents, spec.tree.spec)))
+            cost = spec.verify_cost
+            return MergedDrafter(sources, VerifyCost(cost.nodes, cost.ratio, cost.paired) if cost else None)
+        if head is not None:
+            return head
         if spec.self_draft is not None:
             return SelfDrafter(self._graph(GraphName.SELF_DRAFT), spec.self_draft.kind == "exit")
         draft = spec.draft_model

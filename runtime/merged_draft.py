@@ -1,4 +1,5 @@
-"""Free drafters (one, or several as one): their proposals merged into one tree per step, gated.
+"""Drafters merged into one tree per step, gated: free drafters (one, or several as one), and a
+trained feature head's candidates among them (`skiptree.runtime.head_source`).
 
 Every node's children are all sources' candidates ordered by their predicted acceptance: the
 acceptance measured so far for that source, at that candidate's rank among the source's own
@@ -48,6 +49,16 @@ class MergedDrafter:
     @property
     def wants_logits(self) -> bool:
         return any(getattr(source, "wants_logits", False) for source in self.sources)
+
+    @property
+    def wants_features(self) -> bool:
+        return any(getattr(source, "wants_features", False) for source in self.sources)
+
+    def observe(self, features: np.ndarray, reset: bool = False) -> None:
+        """The target's features of the next cached positions, for sources that draft on them."""
+        for source in self.sources:
+            if getattr(source, "wants_features", False):
+                source.observe(features, reset)
 
     def observe_logits(self, tokens: list[int], logits: np.ndarray,
                        previous: list[int] | None = None) -> None:  # fmt: skip

@@ -112,17 +112,19 @@ class SpeculativeDecoder:
     def _prefill(self, prompt_ids: list[int]) -> np.ndarray:
         """The prompt's last logits; a feature drafter gets the prompt's features, a recycling
         drafter the candidates after every prompt token (prefill computes them anyway)."""
-        if self.wants_logits:
-            self.step.cache.length = 0
-            logits = self.step.forward(prompt_ids, ("logits",))[0]
-            self.drafter.observe_logits(prompt_ids, logits, [-1, *prompt_ids[:-1]])
-            return logits[-1]
-        if not self.wants_features:
+        if not (self.wants_logits or self.wants_features):
             return self.step.prefill(prompt_ids)
         self.step.cache.length = 0
-        logits, features = self.step.forward(prompt_ids, ("logits", "features"))
-        self.drafter.observe(features, reset=True)
-        return logits[-1]
+        return self._observed_forward(prompt_ids, [-1, *prompt_ids[:-1]], reset=True)[-1]
+
+    def _observed_forward(self, tokens: list[int], previous: list[int], reset: bool = False) -> np.ndarray:
+        """Logits [n, V] of `tokens` (one call); the drafter observes the logits and features it wants."""
+        values = self.step.forward(tokens, ("logits", "features") if self.wants_features else ("logits",))
+        if self.wants_logits:
+            self.drafter.observe_logits(tokens, values[0], previous)
+        if self.wants_features:
+            self.drafter.observe(values[1], reset=reset)
+        return values[0]
 
     def _compact(self, accepted: list[int]) -> None:
         start = self.step.cache.length
@@ -141,13 +143,7 @@ class SpeculativeDecoder:
         drafted_at = time.perf_counter()
         root = context[-1]
         if not tokens:
-            if self.wants_features:
-                logits, features = self.step.forward([root], ("logits", "features"))
-                self.drafter.observe(features)
-            else:
-                logits = self.step.forward([root], ("logits",))[0]
-                if self.wants_logits:
-                    self.drafter.observe_logits([root], logits, context[-2:-1] or [-1])
+            logits = self._observed_forward([root], context[-2:-1] or [-1])
             new = [choose_token(logits[-1], sampling, rng)]
             accepted: list[int] = []
             sources: list[str] = []

@@ -72,6 +72,10 @@ class Tokenizer:
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> list[int]:
         """Render the conversation with the model's chat template and encode it."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it (text, not yet encoded)."""
         if not self.chat_template:
             raise GenerationError(
                 "this model's tokenizer has no chat template", "drop --chat and pass a raw prompt"
@@ -86,12 +90,11 @@ class Tokenizer:
         )
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        text = env.from_string(self.chat_template).render(
+        return env.from_string(self.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             **{k: v for k, v in self.special_tokens.items() if v is not None},
         )
-        return self.encode(text, add_special_tokens=False)
 
 
 class StreamDecoder:

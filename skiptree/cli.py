@@ -79,7 +79,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def train_options(args: argparse.Namespace) -> dict:
     options = {"exit_layer": args.exit_layer, "draft_vocab": args.draft_vocab, "steps": args.train_steps,
-               "distill_prompts": args.distill_prompts}
+               "distill_prompts": args.distill_prompts, "self_requests": args.self_requests}
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -299,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--train-steps", type=int, default=None,
                       help="--train-draft: optimiser steps (exit-adapter 1500, feature-head 800)")
     tune.add_argument("--distill-prompts", type=int, default=None,
-                      help="--train-draft feature-head: requests the target answers for training data (1024)")
+                      help="--train-draft feature-head: docstring requests the target answers (512)")
+    tune.add_argument("--self-requests", type=int, default=None,
+                      help="--train-draft feature-head: requests the target writes itself from its chat "
+                           "template's user turn, then answers (512; chat models only)")
     tune.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tvm"),
                       help="tvm: MetaSchedule-tune the verify graph first (database kept in the session), "
                            "then measure T(n) on the tuned code")  # fmt: skip

@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny random checkpoints written by transformers itself (safetensors), and the
-IR verifier after every pass (in every PassManager, and in `run_pass` for passes run by hand)."""
+"""Shared fixtures: tiny random checkpoints written by transformers itself (safetensors), random draft
+trees (hypothesis), and the IR verifier after every pass (in every PassManager, and in `run_pass` for
+passes run by hand)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from hypothesis import strategies as st
+
+from skiptree.runtime.tree import TreeShape
 
 TINY_LLAMA = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
@@ -102,3 +106,11 @@ def count_calls(ir, graph: str, target) -> int:
     """How many calls of ATen op `target` the top level of `graph` makes."""
     nodes = ir.graphs[graph].graph.nodes
     return sum(1 for node in nodes if node.op == "call_function" and node.target == target)
+
+
+def random_trees(max_nodes: int = 32):
+    """Random trees of 1..max_nodes draft nodes: each node's parent is the root or an earlier node."""
+    return st.integers(1, max_nodes).flatmap(
+        lambda n: st.tuples(*[st.integers(-1, i - 1) for i in range(n)]).map(
+            lambda parents: TreeShape(tuple(parents)))
+    )

@@ -57,7 +57,11 @@ def build_drafter(options: CompileOptions, target_tokenizer: Tokenizer, target_c
         return replace(entry, drafter="+".join(draft.sources), sources=tuple(draft.sources))
     if isinstance(draft, FeatureHeadDraft):  # the graph came from the InsertFeatureHead pass
         _, record = load_trained(draft.weights, KIND)
-        return replace(entry, drafter=KIND, feature_head=FeatureHeadEntry(GraphName.FEATURE_DRAFT, record))
+        head = FeatureHeadEntry(GraphName.FEATURE_DRAFT, record)
+        if draft.free:  # one merged tree: the head among the free drafters
+            sources = tuple(draft.free.sources)
+            return replace(entry, drafter="+".join((KIND, *sources)), sources=sources, feature_head=head)
+        return replace(entry, drafter=KIND, feature_head=head)
     if isinstance(draft, SelfDraftSpec):  # the graph itself came from the SkipLayers pass
         layers, num_layers = tuple(draft.kept(target_config.num_layers)), target_config.num_layers
         return replace(entry, drafter="self", self_draft=SelfDraftEntry(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import random
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -60,11 +60,22 @@ def docstring_prompts(count: int, seed: int = 0) -> list[str]:
             enumerate(found[:count])]  # fmt: skip
 
 
-@torch.no_grad()
+def argmax_tokens(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
 def batched_greedy(model: CausalLM, prompts: Sequence[list[int]], new_tokens: int, eos: Sequence[int] = ()
                    ) -> list[tuple[int, list[int]]]:  # fmt: skip
     """Greedy continuations of all `prompts` at once (left-padded): [(prompt length, prompt +
     continuation up to and including an EOS)], the same tokens as one-by-one greedy decoding."""
+    return batched_decode(model, prompts, new_tokens, eos, argmax_tokens)
+
+
+@torch.no_grad()
+def batched_decode(model: CausalLM, prompts: Sequence[list[int]], new_tokens: int, eos: Sequence[int],
+                   choose: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> list[tuple[int, list[int]]]:  # fmt: skip
+    """Continuations of all `prompts` at once, each next token `choose(last logits [B, V])` [B]."""
     batch, longest = len(prompts), max(len(p) for p in prompts)
     slots = longest + new_tokens
     pads = torch.tensor([longest - len(p) for p in prompts])
@@ -81,13 +92,18 @@ def batched_greedy(model: CausalLM, prompts: Sequence[list[int]], new_tokens: in
         allowed = ((column <= row) & (column >= pads[:, None, None])) | (column == row)
         bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, mask_value(dtype))[:, None]
         logits = model(tokens, positions, bias, k_cache, v_cache, rows)
-        return logits[:, -1].argmax(-1)
+        return choose(logits[:, -1])
 
-    outputs = [step(ids, 0)]
-    for i in range(new_tokens - 1):
-        outputs.append(step(outputs[-1][:, None], longest + i))
-    generated = torch.stack(outputs, dim=1).tolist()
     stops = set(eos)
+    stop_ids = torch.tensor(sorted(stops), dtype=torch.int64)
+    outputs = [step(ids, 0)]
+    ended = torch.isin(outputs[-1], stop_ids)
+    for i in range(new_tokens - 1):
+        if bool(ended.all()):  # every row has ended: the rest would be cut anyway
+            break
+        outputs.append(step(outputs[-1][:, None], longest + i))
+        ended |= torch.isin(outputs[-1], stop_ids)
+    generated = torch.stack(outputs, dim=1).tolist()
     sequences = []
     for prompt, row in zip(prompts, generated, strict=True):
         cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))

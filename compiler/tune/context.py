@@ -83,6 +83,7 @@ class TrainSettings:
     draft_vocab: int | None = None
     steps: int | None = None
     distill_prompts: int | None = None
+    self_requests: int | None = None
 
     def given(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if value is not None}

@@ -81,6 +81,9 @@ def tune_draft_tree(context: TuneContext, draft: str, draft_vocab: int = 0,
         error = abs(measured_speedup - choice["predicted_speedup"]) / measured_speedup
         log(f"measured speed-up {measured_speedup:.2f}x (predicted {choice['predicted_speedup']:.2f}x, "
             f"{100 * error:.0f}% apart)")
+        if measured_speedup <= 1.0:  # the model was wrong here: what was measured decides
+            log("the chosen tree measured no faster than plain decoding: plain decoding chosen")
+            choice = {**choice, "mode": "plain", "parents": [], "rejected_parents": choice["parents"]}
     record = {**context.choice_header(runtime),
               "draft": draft, "decode_ms": decode_ms, "verify_ms": verify_ms, "acceptance": acceptance,
               "draft_level_ms": level_ms, "temperature": temperature,

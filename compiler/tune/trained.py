@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from skiptree.compiler.compile import calibration_prompts
+from skiptree.compiler.compile import calibration_prompts, weights_sha256
 from skiptree.compiler.drafters.self_draft_search import SelfDraftCosts, predict, target_continuations
 from skiptree.compiler.drafters.vocab import frequent_tokens
 from skiptree.compiler.options import CompileOptions
@@ -36,6 +36,7 @@ from skiptree.compiler.train.exit_adapter import (
 from skiptree.compiler.train.feature_head import FeatureTrainConfig, train_feature_head
 from skiptree.compiler.train.feature_head import teacher_forced_features as features_of
 from skiptree.compiler.train.self_distill import distill, docstring_prompts
+from skiptree.compiler.train.self_requests import RequestSettings, self_written_requests
 from skiptree.compiler.tune.context import Outcome, TrainSettings, TuneContext
 from skiptree.compiler.tune.draft_tree import tune_draft_tree
 from skiptree.compiler.tune.measure import measure_probe_ms, measure_speedup
@@ -44,6 +45,7 @@ from skiptree.models.base import CausalLM
 from skiptree.models.feature_head import KIND, check_family
 from skiptree.models.loader import load_model
 from skiptree.models.source import resolve_model_dir
+from skiptree.models.zoo import skiptree_home
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import chain
 
@@ -167,9 +169,28 @@ def tune_exit_adapter(context: TuneContext, train: TrainSettings, draft_vocab: i
     return Outcome(choice)
 
 
+def own_requests(context: TuneContext, model: CausalLM, tokenizer: Tokenizer, count: int
+                 ) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
+    """`count` requests the target writes itself, cached by its weights' sha256 (resumable chunks),
+    with the synthesis record (also kept in the session)."""
+    if count <= 0:
+        return [], {}
+    settings = RequestSettings()
+    folder = skiptree_home() / "requests" / weights_sha256(resolve_model_dir(context.target))[:16]
+    key = f"count={count},{settings.key}"
+    def write() -> dict[str, Any]:
+        requests, record = self_written_requests(model, tokenizer, count, folder, settings, log=context.log)
+        return {"requests": requests, "record": record}
+
+    synthesis = context.measured("self_written_requests", key, write)
+    return list(synthesis["requests"]), {**synthesis["record"], "key": key}
+
+
 def tune_feature_head(context: TuneContext, train: TrainSettings, draft_vocab: int = 8192, steps: int = 800,
-                      distill_prompts: int = 1024, corpus_tokens: int = 20_000) -> Outcome:  # fmt: skip
-    """`train` overrides the keyword defaults."""
+                      distill_prompts: int = 512, self_requests: int = 512, corpus_tokens: int = 20_000
+                      ) -> Outcome:  # fmt: skip
+    """`train` overrides the keyword defaults. `self_requests`: requests the target writes itself
+    (chat models only), answered with the `distill_prompts` docstring requests."""
     given = train.given()
     draft_vocab, steps = given.get("draft_vocab", draft_vocab), given.get("steps", steps)
     distill_prompts = given.get("distill_prompts", distill_prompts)
@@ -177,16 +198,20 @@ def tune_feature_head(context: TuneContext, train: TrainSettings, draft_vocab: i
     setup = TrainingSetup.open(context, draft_vocab)
     model, tokenizer, session = setup.model, setup.tokenizer, setup.session
     check_family(model.config)
-    requests = docstring_prompts(distill_prompts)
     chat = tokenizer.chat_template is not None
+    self_requests = given.get("self_requests", self_requests) if chat else 0
+    written, synthesis = own_requests(context, model, tokenizer, self_requests)
+    requests = docstring_prompts(distill_prompts) + written
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat
                else tokenizer.encode(text) for text in requests]  # fmt: skip
     eos = model.config.eos_token_ids
-    answers = session.measure("distilled", f"prompts={len(requests)},tokens={new_tokens}",
+    mix = f"docstrings={distill_prompts},self_written={len(written)}"
+    mix += f",{synthesis['key']}" if written else ""
+    answers = session.measure("distilled", f"prompts={len(requests)},{mix},tokens={new_tokens}",
                               lambda: distill(model, encoded, new_tokens, eos=eos), log)  # fmt: skip
     config = FeatureTrainConfig(tuple(setup.vocab), steps=steps)
     checkpoint = session_dir / "feature_head.safetensors"
-    key = (f"vocab={setup.size},steps={steps},unroll={config.unroll},answers={len(answers)},"
+    key = (f"vocab={setup.size},steps={steps},unroll={config.unroll},answers={len(answers)},{mix},"
            f"corpus={corpus_tokens},tokens={new_tokens}")  # fmt: skip
     other = [k for kind, k in session.records if kind == "feature_head" and k != key]
     if other:  # its later measurements (acceptance, the artifact) belong to that head
@@ -201,7 +226,9 @@ def tune_feature_head(context: TuneContext, train: TrainSettings, draft_vocab: i
         examples = features_of(model, [tuple(a) for a in answers] + own + [(1, p) for p in pieces])
         held = features_of(model, target_continuations(model, setup.held_out, new_tokens).sequences)
         data = {"target_answers": len(answers), "answer_tokens": sum(len(s) - f for f, s in answers),
-                "answer_prompts": "standard-library docstrings (compiler/train/self_distill.py)",
+                "answer_prompts": {"docstrings (compiler/train/self_distill.py)": distill_prompts,
+                                   "self-written (compiler/train/self_requests.py)": len(written)},
+                "self_written_requests": synthesis,
                 "own_continuation_prompts": len(own), "stdlib_files": len(files),
                 "stdlib_tokens": sum(len(p) for p in pieces),
                 "held_out_prompts": list(HELD_OUT_PROMPTS)}  # fmt: skip

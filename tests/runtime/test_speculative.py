@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import transformers
-from conftest import TINY_LLAMA, write_tiny_model, write_word_tokenizer
+from conftest import TINY_LLAMA, random_trees, write_tiny_model, write_word_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,14 +32,6 @@ def pair_artifact(tmp_path_factory):
     return skiptree.load(art), skiptree.load(art, speculative=False)
 
 
-def trees():
-    """Random trees of 1..32 draft nodes: each node's parent is the root or an earlier node."""
-    return st.integers(1, 32).flatmap(
-        lambda n: st.tuples(*[st.integers(-1, i - 1) for i in range(n)]).map(
-            lambda parents: TreeShape(tuple(parents)))
-    )
-
-
 def prompts():
     """Random prompts, half of them repetitive so that prompt lookup finds matches."""
     words = st.lists(st.integers(0, 96), min_size=1, max_size=8)
@@ -51,7 +43,7 @@ def with_shape(runtime, shape: TreeShape, drafter=None) -> SpeculativeDecoder:
 
 
 @SETTINGS
-@given(shape=trees(), prompt=prompts(), new=st.integers(1, 20))
+@given(shape=random_trees(), prompt=prompts(), new=st.integers(1, 20))
 def test_draft_model_greedy_equals_autoregressive(pair_artifact, shape, prompt, new):
     speculative, plain = pair_artifact
     expected = plain.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids
@@ -60,7 +52,7 @@ def test_draft_model_greedy_equals_autoregressive(pair_artifact, shape, prompt, 
 
 
 @SETTINGS
-@given(shape=trees(), prompt=prompts(), new=st.integers(1, 20))
+@given(shape=random_trees(), prompt=prompts(), new=st.integers(1, 20))
 def test_prompt_lookup_greedy_equals_autoregressive(pair_artifact, shape, prompt, new):
     speculative, plain = pair_artifact
     expected = plain.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids
@@ -171,7 +163,7 @@ def test_fused_artifact_runs_contrib_ops_on_packed_projections(fused_artifact):
 
 
 @SETTINGS
-@given(shape=trees(), prompt=prompts(), new=st.integers(1, 20))
+@given(shape=random_trees(), prompt=prompts(), new=st.integers(1, 20))
 def test_fused_prompt_lookup_greedy_equals_autoregressive(fused_artifact, shape, prompt, new):
     speculative, plain, _, _ = fused_artifact
     expected = plain.generate(prompt, max_new_tokens=new, eos_token_id=[]).token_ids
