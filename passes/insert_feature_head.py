@@ -1,4 +1,4 @@
-"""InsertFeatureHead: add the "feature_draft" graph, a trained feature-level draft head (EAGLE).
+"""InsertFeatureHead: add the "feature_draft" graph, a trained feature-level draft head (EAGLE-3).
 
 See models/feature_head.py for the head. The graph is one draft step over any number of tokens
 (a catch-up of several accepted tokens, or one tree level), with the step contract plus features:
@@ -6,7 +6,11 @@ See models/feature_head.py for the head. The graph is one draft step over any nu
     feature_draft(features [1, T, H], input_ids, positions, attn_bias, write_slots, k0, v0)
         -> logits [1, T, V], next_ids [1, T], next_features [1, T, H] (predicted), k0_out, v0_out
 
-k0/v0 are the head's own one-layer cache (the runtime gives it its own buffers, not the target's).
+`features` is the head's input per pair: for a catch-up, the verify graph's `features` (the fused
+u of an EAGLE-3 head, which InsertTreeVerify computes in the target's pass: this pass leaves the head
+on the IR for it, `ir.draft_adapters["feature_draft"]`; an EAGLE-1 head's is the last layer); for a
+tree level, the parents' `next_features`. k0/v0 are the head's own one-layer cache (the runtime
+gives it its own buffers, not the target's).
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ class FeatureDraftModule(nn.Module):
 class InsertFeatureHead(Pass):
     """Add "feature_draft" from the trained head at `path`, its output head cut to `vocab` if given.
 
-    Requires: a Llama-family IR and a head trained for it (same hidden size). Guarantees: the other
-    graphs are untouched; "feature_draft" has the signature above, caches named k0/v0 of the
-    target's per-layer cache shape, and T dynamic up to max_seq_len (a whole prompt catches up at once).
+    Requires: a Llama-family IR and a head trained for it (same hidden size), before InsertTreeVerify.
+    Guarantees: the other graphs are untouched; "feature_draft" has the signature above, caches named
+    k0/v0 of the target's per-layer cache shape, and T dynamic up to max_seq_len (a whole prompt
+    catches up at once); the head is kept in `ir.draft_adapters["feature_draft"]`, whose fuse and
+    layers the verify graph applies.
     """
 
     path: str
@@ -62,7 +68,9 @@ class InsertFeatureHead(Pass):
         head, _ = load_feature_head(Path(self.path), ir.config)
         dtype = next(ir.model.parameters()).dtype
         vocab = torch.tensor(self.vocab, dtype=torch.int64) if self.vocab else None
-        module = FeatureDraftModule(ir.model, head.to(dtype), vocab)
+        head = head.to(dtype)
+        ir.draft_adapters[GraphName.FEATURE_DRAFT] = head  # InsertTreeVerify fuses its input features
+        module = FeatureDraftModule(ir.model, head, vocab)
         example = example_step_inputs(ir.model, ir.max_seq_len)
         features = torch.zeros(1, 3, ir.config.hidden_size, dtype=dtype)
         dims = ({1: "T"}, {1: "T"}, {2: "T"}, {0: "T"})

@@ -13,7 +13,10 @@ already cached). In-graph it derives
 and returns `next_ids [T]` (the target's argmax after each node: all that greedy verification
 needs), `logits [1, T, V]` (bound only by sampling verification, which needs the target's
 distribution at every node) and `features [1, T, H]`, the last layer's output before the final
-norm (bound only by a feature-level draft head, which drafts from them).
+norm (bound only by a feature-level draft head, which drafts from them). With an EAGLE-3 head on the
+IR (put there by InsertFeatureHead), `features` is instead its fused input u = fuse([h^low ; h^mid ;
+h^high]) of the streams after its `feature_layers` (models/feature_head.py): one [T, 3H] x [3H, H]
+product more, next to the target's L layers, and the drafter's contract stays [1, T, H].
 
 The compact graph moves accepted K/V into contiguous slots: `cache[:, :, to] = cache[:, :, from]`
 for each layer, in place (one ScatterND per cache, aliased like the step graph's).
@@ -31,6 +34,7 @@ from skiptree.compiler.ir.graph import ModelIR, TensorSpec, build_block_view
 from skiptree.compiler.ir.pass_manager import Pass, PassResult
 from skiptree.compiler.ir.trace import example_caches, export_with_caches
 from skiptree.models.base import CausalLM, mask_value
+from skiptree.models.feature_head import FeatureHead
 from skiptree.models.fused_ops import rotary_tables
 from skiptree.runtime.manifest import GraphName
 
@@ -54,11 +58,21 @@ class TreeVerifyModule(nn.Module):
     With `first_layer` E > 0 it runs layers E..L-1 only and its first input is `hidden [1, T, H]`,
     the residual stream after layer E-1 (from a prefix-exit self-draft that ran layers < E for these
     tokens and cached their K/V): verification does not compute those layers again (LayerSkip).
+    With `feature_head` (an EAGLE-3 head), `features` is its fused input (`fuse_streams` of the
+    streams after its `layers`); the logits and next_ids do not depend on it.
     """
 
     def __init__(self, model: CausalLM, max_seq_len: int, max_tree: int, first_layer: int = 0,
-                 fused_attention: bool = False, causal: bool = False, batched: bool = False):  # fmt: skip
+                 fused_attention: bool = False, causal: bool = False, batched: bool = False,
+                 feature_head: FeatureHead | None = None):  # fmt: skip
         super().__init__()
+        # only the fuse: the head's block is the "feature_draft" graph's (the attribute's name puts
+        # the product in the head block, compiler/ir/graph.py's DRAFT_HEAD_PARTS)
+        self.feature_head = feature_head.fuse if feature_head is not None else None
+        self.streams = feature_head.layers if feature_head is not None else ()
+        if self.streams and min(self.streams) < first_layer:
+            raise ValueError(f"the feature head fuses streams {self.streams}; verification starts at "
+                             f"layer {first_layer}")
         self.batched = batched  # a batch of trees: tokens [B, T], parents [B, T], prefix_len [B]
         self.model = model
         self.fused_attention = fused_attention
@@ -92,12 +106,20 @@ class TreeVerifyModule(nn.Module):
         else:
             x, context = tokens, self.model.layer_context(positions, dtype)
         if self.fused_attention:
-            logits, x, caches = self.fused_layers(x, positions, prefix_len, bias, caches)
+            logits, streams, caches = self.fused_layers(x, positions, prefix_len, bias, caches)
         else:
+            streams = {self.layers[0]: x}
             for j, layer in enumerate(self.layers):
                 x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
+                streams[layer + 1] = x
             logits = self.model.finish(x)
-        return (logits.argmax(-1)[0], logits, x, *caches)
+        return (logits.argmax(-1)[0], logits, self.features(streams), *caches)
+
+    def features(self, streams: dict) -> torch.Tensor:
+        """`features` from the streams after i layers (i -> [B, T, H]): the last one, or the head's u."""
+        if self.feature_head is None:
+            return streams[self.model.config.num_layers]
+        return self.feature_head(torch.cat([streams[i] for i in self.streams], dim=-1))
 
     def forward_batch(self, tokens, parents, prefix_len, caches):
         """A batch of trees, one per cache row: every row computed as it would be alone, so a
@@ -118,28 +140,32 @@ class TreeVerifyModule(nn.Module):
         zero = torch.zeros((), dtype=dtype)
         bias = torch.where(visible > 0, zero, torch.full((), mask_value(dtype), dtype=dtype))[:, None]
         x, context = self.model.embed_step(tokens, positions)
-        count = len(self.layers)
+        count, streams = len(self.layers), {0: x}
         for j, layer in enumerate(self.layers):
             x = self.model.run_layer(layer, x, context, bias, caches[j], caches[count + j], write_slots)
+            streams[layer + 1] = x
         logits = self.model.finish(x)
-        return (logits.argmax(-1), logits, x, *caches)
+        return (logits.argmax(-1), logits, self.features(streams), *caches)
 
     def fused_layers(self, x, positions, prefix_len, bias, caches):
         """The layers and the head through the model's fused ops (ONNX Runtime): attention appends at
         slots prefix_len + i (the write slots above) and rotates by `positions` itself. Returns the
-        logits, the last layer's output and the new caches."""
+        logits, the streams `features` needs (layers run -> [1, T, H]) and the new caches."""
         total = prefix_len + x.shape[1]
         cos, sin = rotary_tables(self.model.inv_freq, self.max_seq_len)
         lengths = ((total - 1).to(torch.int32), total.to(torch.int32).reshape(()))
         attention = (*lengths, cos, sin, positions, bias)
         count, keys, values, pending = len(self.layers), [], [], None
+        streams = {self.layers[0]: x}
         for j, layer in enumerate(self.layers):
             x, pending, key, value = self.model.run_layer_fused(layer, x, pending, attention, caches[j],
                                                                 caches[j + count])  # fmt: skip
             keys.append(key)
             values.append(value)
-        logits, x = self.model.finish_fused(x, pending)
-        return logits, x, (*keys, *values)
+            if layer + 1 in self.streams and layer + 1 < self.model.config.num_layers:
+                streams[layer + 1] = x + pending  # one add, for the features only: the logits' ops are kept
+        logits, streams[self.model.config.num_layers] = self.model.finish_fused(x, pending)
+        return logits, streams, (*keys, *values)
 
 
 class CompactModule(nn.Module):
@@ -168,6 +194,9 @@ class InsertTreeVerify(Pass):
     without a drafter), only a fused verify graph is added, to run prefill and plain steps in place
     of "step" (a chain tree is a causal step; its ancestors are then a triangle, not a closure, so
     prefill can run long chunks); a model that cannot fuse keeps its step graph alone.
+    An EAGLE-3 feature head on the IR (`ir.draft_adapters["feature_draft"]`, from InsertFeatureHead,
+    which runs before) makes `features` its fused input; without one (or with an EAGLE-1 head) it
+    is the last layer's stream, as before.
     """
 
     max_tree: int = 64
@@ -206,8 +235,10 @@ class InsertTreeVerify(Pass):
         fused = self.fused_attention and model.supports_fused_attention() and not batched
         if self.plain_decoding and not fused:
             return PassResult(ir, False)  # unfused, the verify graph is no faster than "step"
+        head = ir.draft_adapters.get(GraphName.FEATURE_DRAFT)
+        head = head if head is not None and head.fuse is not None else None  # EAGLE-1: the last layer
         verify = TreeVerifyModule(model, max_len, max_tree, self.first_layer, fused, self.plain_decoding,
-                                  batched)  # fmt: skip
+                                  batched, head)  # fmt: skip
         name = GraphName.VERIFY
         ir.graphs[name] = export_with_caches(name, verify, example, caches, outputs, max_tree, layers,
                                              self.max_batch if batched else None)  # fmt: skip

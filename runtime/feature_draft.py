@@ -1,13 +1,14 @@
-"""The feature-head drafter at run time (EAGLE; see models/feature_head.py and
+"""The feature-head drafter at run time (EAGLE-3; see models/feature_head.py and
 passes/insert_feature_head.py).
 
-The decoder hands it the target's features (the verify graph's `features` output) for every token
-the target caches: the prompt at prefill, then the root and the accepted nodes after each step
-(`observe`). Per step it first catches its own one-layer cache up with the pairs (f_{p-1}, x_p) for
-the positions p cached since last time, the root's pair last; the root's predicted features and
-logits give the root's children. Deeper levels run on predicted features, one graph call per tree
-level. Pair p sits in slot p - 1; tree node j in slot L + j (L = the target's cached length), which
-the next catch-up overwrites.
+The decoder hands it the target's features (the verify graph's `features` output: an EAGLE-3 head's
+fused low, middle and last streams u, fused in the target's own pass; an EAGLE-1 head's last-layer
+stream) for every token the target caches: the prompt at prefill, then the root and the accepted
+nodes after each step (`observe`). Per step it first catches its own one-layer cache up with the
+pairs (f_{p-1}, x_p) for the positions p cached since last time, the root's pair last; the root's
+predicted features and logits give the root's children. Deeper levels run on predicted features,
+one graph call per tree level. Pair p sits in slot p - 1; tree node j in slot L + j (L = the
+target's cached length), which the next catch-up overwrites.
 """
 
 from __future__ import annotations

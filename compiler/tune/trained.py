@@ -11,7 +11,9 @@ by predicted speed-up -> measured speed-up -> plain unless the measured speed-up
 feature-head (EAGLE): training data: the target's own greedy answers to `distill_prompts` requests
 made from the standard library's docstrings (compiler/train/self_distill.py, batched), its
 continuations of the calibration prompts and standard-library source pieces -> training -> the
-tree strategy (compiler/tune/draft_tree.py) with `--draft feature-head:WEIGHTS`.
+tree strategy (compiler/tune/draft_tree.py) with `--draft feature-head:WEIGHTS+lookup+recycle` (one
+tree, gated per step). Training runs in chunks of at most TRAIN_CHUNK_SECONDS: the command stops
+after a chunk and the same command resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from skiptree.models.source import resolve_model_dir
 from skiptree.models.zoo import skiptree_home
 from skiptree.runtime.tokenizer import Tokenizer
 from skiptree.runtime.tree import chain
+
+TRAIN_CHUNK_SECONDS = 15 * 60  # feature-head training returns after a checkpoint past this; a rerun resumes
+HEAD_WITH = "lookup+recycle"  # the free drafters proposing in the feature head's tree
 
 HELD_OUT_PROMPTS = (
     "Explain the difference between a process and a thread.",
@@ -209,7 +214,7 @@ def tune_feature_head(context: TuneContext, train: TrainSettings, draft_vocab: i
     mix += f",{synthesis['key']}" if written else ""
     answers = session.measure("distilled", f"prompts={len(requests)},{mix},tokens={new_tokens}",
                               lambda: distill(model, encoded, new_tokens, eos=eos), log)  # fmt: skip
-    config = FeatureTrainConfig(tuple(setup.vocab), steps=steps)
+    config = FeatureTrainConfig(tuple(setup.vocab), steps=steps, max_seconds=TRAIN_CHUNK_SECONDS)
     checkpoint = session_dir / "feature_head.safetensors"
     key = (f"vocab={setup.size},steps={steps},unroll={config.unroll},answers={len(answers)},{mix},"
            f"corpus={corpus_tokens},tokens={new_tokens}")  # fmt: skip
@@ -234,9 +239,19 @@ def tune_feature_head(context: TuneContext, train: TrainSettings, draft_vocab: i
                 "held_out_prompts": list(HELD_OUT_PROMPTS)}  # fmt: skip
         return train_feature_head(model, examples, held, config, checkpoint, data, log)
 
-    record = session.measure("feature_head", key, train_head, log)
+    record = session.get("feature_head", key)
+    if record is None:  # trained in chunks: a record is kept only once training has finished
+        log(f"  measuring feature_head {key}")
+        record = train_head()
+        if not record["finished"]:
+            raise SessionError(f"feature-head training stopped at step {record['step']} of {steps} "
+                               f"(a {config.max_seconds / 60:.0f}-minute chunk)",
+                               "run the same skiptree tune command again to resume")  # fmt: skip
+        session.put("feature_head", key, record)
+    depths = ", ".join(f"{a:.3f}" for a in record.get("held_out_acceptance_by_depth", ()))
     log(f"feature head: held-out acceptance of its first draft {record['untrained_acceptance']:.3f} "
-        f"untrained -> {record['held_out_acceptance']:.3f} trained ({record['train_positions']} positions, "
-        f"{record['seconds']:.0f} s)")  # fmt: skip
-    return tune_draft_tree(context, f"{KIND}:{checkpoint}", draft_vocab=setup.size,
+        f"untrained -> {record['held_out_acceptance']:.3f} trained (by depth: {depths}; "
+        f"{record['train_positions']} positions, {record['seconds']:.0f} s)")  # fmt: skip
+    # one tree with the free drafters: the gate then verifies only what pays, head or not
+    return tune_draft_tree(context, f"{KIND}:{checkpoint}+{HEAD_WITH}", draft_vocab=setup.size,
                            extra={"feature_head": record, "vocab_coverage": setup.coverage})

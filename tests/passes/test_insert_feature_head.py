@@ -1,5 +1,6 @@
 """InsertFeatureHead: adds exactly the "feature_draft" graph (the head's one layer, none of the
-target's), built from the weights file the training code writes, and leaves the other graphs alone."""
+target's), built from the weights file the training code writes, and leaves the other graphs alone;
+the verify graph InsertTreeVerify adds after it returns the head's input features (EAGLE-3: fused)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import torch
 import transformers
 from conftest import TINY_LLAMA, count_calls, ops_by_block, ops_by_layer, run_pass, write_tiny_model
 
+from skiptree.compiler.drafters.self_draft_search import run_layers
 from skiptree.compiler.ir.trace import trace_model
 from skiptree.models.exit_adapter import save_trained
 from skiptree.models.feature_head import KIND, FeatureHead
 from skiptree.models.loader import load_model
 from skiptree.passes.insert_feature_head import InsertFeatureHead
+from skiptree.passes.insert_tree_verify import InsertTreeVerify
 
 INNER = 16  # the head's MLP width (the target's is 64): the pass must take it from the weights
 
@@ -55,3 +58,37 @@ def test_structure_adds_the_feature_draft_graph(tmp_path, vocab):
         f"{layer}.attn.o": 32, f"{layer}.mlp.gate": INNER, f"{layer}.mlp.up": INNER, f"{layer}.mlp.down": 32,
         head: len(vocab) or 97,
     }  # fmt: skip
+
+
+FUSABLE = {**TINY_LLAMA, "hidden_size": 64, "num_hidden_layers": 4}  # head size 16: ORT's fused attention
+
+
+@pytest.mark.parametrize("fused_attention", [False, True])
+@pytest.mark.parametrize("eagle3", [True, False])
+def test_verify_features_are_the_heads_input(tmp_path, fused_attention, eagle3):
+    """With the head on the IR, "verify" returns an EAGLE-3 head's fused streams (an EAGLE-1 head's:
+    the last layer's) as `features`, one product more, and the same logits and ids as without it."""
+    write_tiny_model(tmp_path / "model", transformers.LlamaConfig(**FUSABLE))
+    model = load_model(tmp_path / "model")
+    torch.manual_seed(0)
+    head = FeatureHead(model.config, INNER, None if eagle3 else ())
+    save_trained(head, tmp_path / "head.safetensors", {"kind": KIND, "step": 0})
+    assert head.layers == ((1, 2, 4) if eagle3 else (4,))  # low, middle, high (the last layer's output)
+    verify = InsertTreeVerify(max_tree=8, fused_attention=fused_attention)
+    plain = run_pass(verify, trace_model(model, max_seq_len=16)).ir
+    ir = trace_model(model, max_seq_len=16)
+    ir = run_pass(verify, run_pass(InsertFeatureHead(str(tmp_path / "head.safetensors")), ir).ir).ir
+
+    linear = torch.ops.aten.linear.default
+    assert count_calls(ir, "verify", linear) == count_calls(plain, "verify", linear) + eagle3
+    tokens = [5, 9, 13, 2, 40, 11]  # a chain from an empty cache: the eager model's causal pass
+    caches = [torch.zeros(1, 2, 16, 16) for _ in range(8)]
+    inputs = (torch.tensor([tokens]), torch.tensor([0, 0, 1, 2, 3, 4]), torch.tensor([0]))
+    got = ir.graphs["verify"].program.module()(*inputs, *[c.clone() for c in caches])
+    expected = plain.graphs["verify"].program.module()(*inputs, *[c.clone() for c in caches])
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])  # verification untouched
+    with torch.no_grad():
+        states = run_layers(model, tokens, range(4))
+        fused = head.fuse_streams(torch.cat([states[i] for i in head.layers], dim=-1))
+    scale = float(fused.abs().max())
+    torch.testing.assert_close(got[2][0], fused, atol=1e-5 * scale, rtol=1e-5)
