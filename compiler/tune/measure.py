@@ -27,6 +27,7 @@ from skiptree.runtime.artifact import Runtime
 from skiptree.runtime.drafters import DraftModelDrafter
 from skiptree.runtime.feature_draft import FeatureDrafter
 from skiptree.runtime.generation import generate_tokens
+from skiptree.runtime.head_source import HeadCandidates
 from skiptree.runtime.sampling import SamplingConfig
 from skiptree.runtime.self_draft import run_draft_graph
 from skiptree.runtime.tree import TreeShape, chain, k_ary, tree_bias
@@ -92,6 +93,9 @@ def measure_verify_ms(runtime: Runtime, nodes: int, prefix: int, repeats: int = 
 def measure_draft_level_ms(runtime: Runtime, width: int, prefix: int, repeats: int = 7) -> float:
     """A draft model's or feature head's cost for one tree level of `width` nodes (0 for lookups)."""
     drafter = runtime.speculative.drafter
+    # a feature head merged with free drafters costs what the head costs (the lookups ~0)
+    heads = [s.drafter for s in getattr(drafter, "sources", ()) if isinstance(s, HeadCandidates)]
+    drafter = heads[0] if heads else drafter
     if isinstance(drafter, FeatureDrafter):  # one head call on `width` nodes after a prefix
         rows = list(range(width))
         bias = tree_bias([-1] * width, prefix, prefix, rows, drafter.max_seq_len, drafter.features.dtype)
