@@ -9,6 +9,8 @@ on this machine, bound to the address `--host` names (loopback by default).
 
 from __future__ import annotations
 
+import importlib.util
+import multiprocessing
 import os
 import signal
 import sys
@@ -69,24 +71,49 @@ def shutdown() -> None:
 
 
 def serve_replicas(options: ServeOptions, replicas: int, log=print) -> None:
-    """Run until SIGTERM / Ctrl-C, then shut the deployment down."""
-    deploy(options, replicas, options.port, log)
-    log(f"[serve] {replicas} replicas: http://{options.host}:{options.port}/v1")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda number, frame: stop.set())
+    """Run until SIGTERM / Ctrl-C, then shut the deployment down and return (exit status 0).
+
+    Ray runs in a child process: Ray installs signal handlers of its own in the driver (its C++
+    core worker exited with status 15 on SIGTERM, past ours, when the process ran other work first),
+    so this process, which owns the user's signals and exit status, never imports it."""
+    if importlib.util.find_spec("ray") is None:
+        raise RayUnavailableError("--replicas needs Ray, which is not installed",
+                                  "pip install -e '.[ray]' (Ray Serve), or drop --replicas")  # fmt: skip
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    child = context.Process(target=run_replicas, args=(options, replicas, stop), name="ray-driver")
+    requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda number, frame: requested.set())
+    child.start()
     try:
-        while not stop.wait(0.5):
+        while not requested.wait(0.5) and child.is_alive():
             pass
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; or Ray's own SIGTERM handler, where it still holds
-        pass
-    finally:
-        try:
-            shutdown()
-        except SystemExit:  # Ray's own SIGTERM handler (ray.init installs it) fired during shutdown
-            pass
+    except KeyboardInterrupt:
+        requested.set()
+    if not requested.is_set():  # the child ended on its own: deploying failed (it said why)
+        raise SkiptreeError(f"the Ray Serve deployment stopped (exit status {child.exitcode})",
+                            "see the messages above; plain skiptree serve runs without Ray")  # fmt: skip
+    stop.set()
+    child.join(SHUTDOWN_SECONDS)
+    if child.is_alive():
+        child.kill()
     log("[serve] replicas stopped")
+
+
+SHUTDOWN_SECONDS = 120
+
+
+def run_replicas(options: ServeOptions, replicas: int, stop) -> None:
+    """The Ray driver (a child process): deploy, wait for `stop`, shut down, leave."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    deploy(options, replicas, options.port)
+    print(f"[serve] {replicas} replicas: http://{options.host}:{options.port}/v1", flush=True)
+    stop.wait()
+    try:
+        shutdown()
+    except SystemExit:  # Ray's own SIGTERM handler, where it fired during shutdown
+        pass
     sys.stdout.flush()
     sys.stderr.flush()
-    # Ray's core worker can abort (SIGABRT) in its destructors at interpreter exit, after a clean
-    # shutdown (seen with Ray 2.60 when the process ran other work first): leave without them
+    # Ray's core worker can abort (SIGABRT) in its destructors at interpreter exit: leave without them
     os._exit(0)
