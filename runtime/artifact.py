@@ -55,9 +55,13 @@ class Runtime(TextGenerator):
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder, check_hashes=check_hashes)
         backend = self.manifest.backend
+        head = bool(self.manifest.speculative and self.manifest.speculative.feature_head)
         self.session_config = session or SessionConfig(
             threads=backend.threads if threads is None else threads,
             optimization_level=backend.optimization_level or "extended",
+            # the head's session and the target's alternate every step: a pool spinning after its call
+            # holds the cores the other needs (bench/results/README.md, "Drafts on held-out prompts")
+            spinning=not head,
         )
         self.backend = open_backend(self.folder, backend, self.manifest.graphs, self.session_config)
         self.step_model = artifact_step_model(self.backend, self.manifest)
