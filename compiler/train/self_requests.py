@@ -133,19 +133,30 @@ def trigrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + 3]) for i in range(max(len(words) - 2, 1))}
 
 
+class Deduplicator:
+    """Keeps texts in the order offered, but none sharing more than `max_overlap` of its trigrams
+    with one already kept (an index from trigram to the kept texts holding it)."""
+
+    def __init__(self, max_overlap: float):
+        self.max_overlap, self.kept = max_overlap, []
+        self.holders: dict[tuple[str, ...], list[int]] = {}
+
+    def offer(self, text: str) -> None:
+        grams = trigrams(text)
+        shared = Counter(i for gram in grams for i in self.holders.get(gram, ()))
+        if shared and max(shared.values()) > self.max_overlap * len(grams):
+            return
+        for gram in grams:
+            self.holders.setdefault(gram, []).append(len(self.kept))
+        self.kept.append(text)
+
+
 def deduplicate(texts: Sequence[str], max_overlap: float) -> list[str]:
     """Texts in order, without those sharing more than `max_overlap` of their trigrams with one kept."""
-    kept: list[str] = []
-    holders: dict[tuple[str, ...], list[int]] = {}  # trigram -> kept requests holding it
+    unique = Deduplicator(max_overlap)
     for text in texts:
-        grams = trigrams(text)
-        shared = Counter(i for gram in grams for i in holders.get(gram, ()))
-        if shared and max(shared.values()) > max_overlap * len(grams):
-            continue
-        for gram in grams:
-            holders.setdefault(gram, []).append(len(kept))
-        kept.append(text)
-    return kept
+        unique.offer(text)
+    return unique.kept
 
 
 def write_json(path: Path, value: object) -> None:
@@ -166,21 +177,25 @@ def self_written_requests(model: CausalLM, tokenizer: Tokenizer, count: int, fol
     folder.mkdir(parents=True, exist_ok=True)
     limit = max_chunks if max_chunks is not None else 8 * -(-count // settings.chunk)
     sampled: list[str | None] = []
-    kept: list[str] = []
+    unique = Deduplicator(settings.max_overlap)
     progress = tqdm(total=count, desc="    the target writes its own requests", leave=False)
     index = 0
-    while len(kept) < count and index < limit:
+    while len(unique.kept) < count and index < limit:
         path = folder / f"chunk-{index:05d}.json"
         if path.is_file():
             chunk = json.loads(path.read_text())
         else:
             chunk = sample_chunk(model, prefix, stops, settings, index)
             write_json(path, chunk)
-        sampled += [clean(tokenizer, ids, stops, settings) for ids in chunk]
-        kept = deduplicate([text for text in sampled if text is not None], settings.max_overlap)[:count]
-        progress.update(len(kept) - progress.n)
+        texts = [clean(tokenizer, ids, stops, settings) for ids in chunk]
+        for text in texts:
+            if text is not None:
+                unique.offer(text)
+        sampled += texts
+        progress.update(min(len(unique.kept), count) - progress.n)
         index += 1
     progress.close()
+    kept = unique.kept[:count]
     passed = sum(text is not None for text in sampled)
     record = {"written": len(sampled), "passed_filters": passed, "kept": len(kept), "chunks": index,
               "prefix_tokens": len(prefix), "stop_ids": stops, **asdict(settings)}  # fmt: skip

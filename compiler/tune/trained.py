@@ -181,9 +181,10 @@ def own_requests(context: TuneContext, model: CausalLM, tokenizer: Tokenizer, co
     if count <= 0:
         return [], {}
     settings = RequestSettings()
-    folder = skiptree_home() / "requests" / weights_sha256(resolve_model_dir(context.target))[:16]
     key = f"count={count},{settings.key}"
-    def write() -> dict[str, Any]:
+
+    def write() -> dict[str, Any]:  # the weights are hashed only when the session lacks the requests
+        folder = skiptree_home() / "requests" / weights_sha256(resolve_model_dir(context.target))[:16]
         requests, record = self_written_requests(model, tokenizer, count, folder, settings, log=context.log)
         return {"requests": requests, "record": record}
 
